@@ -1,0 +1,226 @@
+"""Routes for messages: publish (JSON or any text), batch publish, list, read, delete."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from pydantic import BaseModel, ValidationError
+
+from deps import CurrentPrincipal, HubDep, QueueName, SettingsDep, WindowDep
+from errors import bad_request, field_errors, too_large, validation_error
+from hub import MessageFilter, Published
+from models import MessageStatus, Priority
+from schemas import JSON, Draft, MessageOut, Page, PriorityName, PublishIn, parse_duration
+
+router = APIRouter(prefix="/api/v1/queues/{queue}/messages", tags=["messages"])
+
+_PUBLISH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            JSON: {"schema": PublishIn.model_json_schema()},
+            "text/plain": {"schema": {"type": "string"}, "example": "backup done"},
+        },
+    }
+}
+
+
+class PublishedItems(BaseModel):
+    items: list[MessageOut]
+
+
+@router.post(
+    "",
+    status_code=201,
+    openapi_extra=_PUBLISH_BODY,
+    responses={200: {"description": "an earlier message with the same Idempotency-Key"}},
+)
+async def publish(
+    queue: QueueName,
+    request: Request,
+    response: Response,
+    hub: HubDep,
+    settings: SettingsDep,
+    principal: CurrentPrincipal,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> MessageOut:
+    """A JSON envelope (`Content-Type: application/json`) or any text body, as `curl -d` sends it."""
+    principal.require("publish", queue)
+    raw = await read_body(request, settings.max_body_bytes)
+    draft = _json_draft(raw) if _is_json(request) else _text_draft(raw, request)
+    draft.idempotency_key = draft.idempotency_key or idempotency_key
+    [result] = await hub.publish(queue, [draft], principal)
+    _answer(response, queue, result)
+    return MessageOut.of(result.message, queue)
+
+
+@router.post(
+    "/batch",
+    status_code=201,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                JSON: {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"items": {"type": "array", "items": PublishIn.model_json_schema()}},
+                    }
+                }
+            },
+        }
+    },
+)
+async def publish_batch(
+    queue: QueueName,
+    request: Request,
+    response: Response,
+    hub: HubDep,
+    settings: SettingsDep,
+    principal: CurrentPrincipal,
+) -> PublishedItems:
+    """Up to 1,000 messages in one transaction: all are stored, or none."""
+    principal.require("publish", queue)
+    raw = await read_body(request, settings.max_batch_bytes)
+    drafts = _batch_drafts(_parse_json(raw), settings.max_batch_items)
+    results = await hub.publish(queue, drafts, principal)
+    if not any(r.created for r in results):
+        response.status_code = 200
+    return PublishedItems(items=[MessageOut.of(r.message, queue) for r in results])
+
+
+@router.get("")
+async def list_messages(
+    queue: QueueName,
+    hub: HubDep,
+    principal: CurrentPrincipal,
+    window: WindowDep,
+    status: MessageStatus | None = None,
+    type: Annotated[str | None, Query(max_length=64)] = None,
+    priority: PriorityName | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+) -> Page[MessageOut]:
+    principal.require("subscribe", queue)
+    where = MessageFilter(
+        status, type, Priority[priority] if priority else None, created_after, created_before
+    )
+    items, total = await hub.list_messages(queue, where, window)
+    return Page(
+        items=items,
+        total=total,
+        limit=window.limit,
+        offset=window.offset,
+        has_more=window.offset + len(items) < total,
+    )
+
+
+@router.get("/{message_id}")
+async def get_message(
+    queue: QueueName, message_id: str, hub: HubDep, principal: CurrentPrincipal
+) -> MessageOut:
+    principal.require("subscribe", queue)
+    return await hub.get_message(queue, message_id)
+
+
+@router.delete("/{message_id}")
+async def delete_message(
+    queue: QueueName, message_id: str, hub: HubDep, principal: CurrentPrincipal
+) -> MessageOut:
+    principal.require("manage", queue)
+    return await hub.delete_message(queue, message_id)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it passes `limit`: never read unbounded into memory."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit()):
+        raise bad_request("invalid_content_length", "Content-Length is not a number")
+    if declared is not None and int(declared) > limit:
+        raise too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _is_json(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower() == JSON
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as error:
+        raise bad_request("malformed_json", f"the body is not valid JSON: {error}") from None
+
+
+def _json_draft(raw: bytes) -> Draft:
+    try:
+        return Draft.from_json(PublishIn.model_validate(_parse_json(raw)))
+    except ValidationError as error:
+        raise validation_error(field_errors(error.errors())) from None
+
+
+def _text_draft(raw: bytes, request: Request) -> Draft:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request("invalid_utf8", "a text body must be UTF-8") from None
+    headers = request.headers
+    meta: dict[str, Any] = {
+        "body": text,
+        "type": headers.get("x-type", ""),
+        "priority": headers.get("x-priority", "normal"),
+    }
+    try:
+        if "x-delay" in headers:
+            meta["delay"] = parse_duration(headers["x-delay"])
+        draft = Draft.from_json(PublishIn.model_validate(meta))
+    except (ValidationError, ValueError) as error:
+        details = (
+            field_errors(error.errors())
+            if isinstance(error, ValidationError)
+            else {"header.X-Delay": [str(error)]}
+        )
+        raise validation_error(details) from None
+    draft.body, draft.content_type = text, _text_type(headers.get("content-type"))
+    return draft
+
+
+def _text_type(declared: str | None) -> str:
+    # curl -d sends form encoding by default; what it carries is text as typed.
+    if not declared or declared.startswith("application/x-www-form-urlencoded"):
+        return "text/plain; charset=utf-8"
+    return declared[:255]
+
+
+def _batch_drafts(payload: Any, max_items: int) -> list[Draft]:
+    if not isinstance(payload, dict) or set(payload) != {"items"} or not isinstance(payload["items"], list):
+        raise validation_error({"body": ['expected {"items": [...]}']})
+    items = payload["items"]
+    if not 1 <= len(items) <= max_items:
+        raise validation_error({"body.items": [f"between 1 and {max_items} items"]})
+    drafts, problems = [], {}
+    for index, item in enumerate(items):
+        try:
+            drafts.append(Draft.from_json(PublishIn.model_validate(item)))
+        except ValidationError as error:
+            problems[str(index)] = [
+                f"{'.'.join(map(str, e['loc'])) or 'item'}: {e['msg']}" for e in error.errors()
+            ]
+    if problems:
+        raise validation_error({"items": problems}, f"{len(problems)} of {len(items)} items are invalid")
+    return drafts
+
+
+def _answer(response: Response, queue: str, result: Published) -> None:
+    response.headers["Location"] = f"/api/v1/queues/{queue}/messages/{result.message.id}"
+    if not result.created:
+        response.status_code = 200

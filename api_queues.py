@@ -1,0 +1,112 @@
+"""Routes for queues and their logs: create, list, read, change, delete, restore, events, stream."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import JSONResponse
+
+from deps import CurrentPrincipal, HubDep, QueueName, SettingsDep, WindowDep
+from hub import queue_log
+from schemas import EventOut, Page, QueueCreate, QueueOut, QueueUpdate
+from streams import StreamResponse, StreamSpec, open_stream, resume_cursor
+
+router = APIRouter(prefix="/api/v1/queues", tags=["queues"])
+
+
+@router.post("", status_code=201)
+async def create_queue(spec: QueueCreate, hub: HubDep, principal: CurrentPrincipal) -> QueueOut:
+    principal.require("manage", spec.name)
+    return await hub.create_queue(spec, owner=principal.subject)
+
+
+@router.get("")
+async def list_queues(
+    hub: HubDep, principal: CurrentPrincipal, window: WindowDep, include_deleted: bool = False
+) -> Page[QueueOut]:
+    items, total = await hub.list_queues(principal, include_deleted, window)
+    return Page(
+        items=items,
+        total=total,
+        limit=window.limit,
+        offset=window.offset,
+        has_more=window.offset + len(items) < total,
+    )
+
+
+@router.get("/{queue}")
+async def get_queue(
+    queue: QueueName, hub: HubDep, principal: CurrentPrincipal, include_deleted: bool = False
+) -> QueueOut:
+    principal.require("manage" if include_deleted else "subscribe", queue)
+    return await hub.get_queue(queue, include_deleted)
+
+
+@router.patch("/{queue}")
+async def update_queue(
+    queue: QueueName, patch: QueueUpdate, hub: HubDep, principal: CurrentPrincipal
+) -> QueueOut:
+    principal.require("manage", queue)
+    return await hub.update_queue(queue, patch)
+
+
+@router.delete("/{queue}")
+async def delete_queue(queue: QueueName, hub: HubDep, principal: CurrentPrincipal) -> QueueOut:
+    principal.require("manage", queue)
+    return await hub.delete_queue(queue)
+
+
+@router.post("/{queue}/restore")
+async def restore_queue(queue: QueueName, hub: HubDep, principal: CurrentPrincipal) -> QueueOut:
+    principal.require("manage", queue)
+    return await hub.restore_queue(queue)
+
+
+@router.get("/{queue}/events")
+async def list_events(
+    queue: QueueName,
+    hub: HubDep,
+    principal: CurrentPrincipal,
+    after: Annotated[int, Query(ge=0, description="the last sequence number you have")] = 0,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> Page[EventOut]:
+    principal.require("subscribe", queue)
+    await hub.live_queue(queue)
+    log = queue_log(queue)
+    updates = await hub.read_log(log, after, limit)
+    total = await hub.count_log(log, after)
+    items = [u.as_event() for u in updates]
+    return Page(items=items, total=total, limit=limit, offset=0, has_more=len(items) < total)
+
+
+@router.get(
+    "/{queue}/stream",
+    response_class=JSONResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "an SSE stream of the queue's events"}
+    },
+)
+async def stream_queue(
+    queue: QueueName,
+    hub: HubDep,
+    settings: SettingsDep,
+    principal: CurrentPrincipal,
+    last_event_id: Annotated[int | None, Query(ge=0, description="resume after this sequence")] = None,
+    types: Annotated[
+        list[str] | None, Query(description="only these event types (repeat or comma-separate)")
+    ] = None,
+    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> StreamResponse:
+    principal.require("subscribe", queue)
+    await hub.live_queue(queue)
+    wanted = frozenset(t.strip() for given in types for t in given.split(",") if t.strip()) if types else None
+    spec = StreamSpec(
+        log=queue_log(queue),
+        cursor=resume_cursor(last_event_id_header, last_event_id),
+        types=wanted,
+        lifetime=settings.stream_lifetime_seconds,
+        retry_ms=settings.retry_ms,
+        token_expires_at=principal.expires_at,
+    )
+    return open_stream(hub, spec, settings.heartbeat_seconds, settings.subscriber_buffer)

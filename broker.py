@@ -1,0 +1,200 @@
+"""The fast path from a commit to the streams: one protocol, an in-process and a Redis broker.
+
+The database is the truth; a broker only hurries it along. Subscribers hold a bounded buffer,
+and whenever the broker may have lost something (overflow, reconnect) it tells them to catch up
+from the database instead of pretending nothing happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from loguru import logger
+from redis.exceptions import RedisError
+
+from schemas import Update
+
+
+class Subscriber:
+    """One stream's inbox: a bounded buffer and a flag to re-read the database."""
+
+    __slots__ = ("capacity", "inbox", "logs", "must_catch_up", "wakeup")
+
+    def __init__(self, logs: frozenset[str], capacity: int) -> None:
+        self.logs = logs
+        self.capacity = capacity
+        self.inbox: deque[Update] = deque()
+        self.wakeup = asyncio.Event()
+        self.must_catch_up = False
+
+    def offer(self, update: Update) -> None:
+        if len(self.inbox) >= self.capacity:
+            # Never wait for a slow reader: drop its buffer, it re-reads the log.
+            self.catch_up()
+            return
+        self.inbox.append(update)
+        self.wakeup.set()
+
+    def catch_up(self) -> None:
+        self.inbox.clear()
+        self.must_catch_up = True
+        self.wakeup.set()
+
+
+class Broker(Protocol):
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def publish(self, updates: Sequence[Update]) -> None: ...
+    async def ready(self) -> bool: ...
+    def subscribe(self, logs: Iterable[str], capacity: int) -> Subscriber: ...
+    def unsubscribe(self, subscriber: Subscriber) -> None: ...
+
+
+class LocalFanout:
+    """Delivers updates to this process's subscribers; both brokers build on it."""
+
+    def __init__(self) -> None:
+        self._by_log: dict[str, set[Subscriber]] = {}
+
+    def subscribe(self, logs: Iterable[str], capacity: int) -> Subscriber:
+        subscriber = Subscriber(frozenset(logs), capacity)
+        for log in subscriber.logs:
+            self._by_log.setdefault(log, set()).add(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        for log in subscriber.logs:
+            subscribers = self._by_log.get(log)
+            if subscribers is not None:
+                subscribers.discard(subscriber)
+                if not subscribers:
+                    del self._by_log[log]
+
+    def deliver(self, updates: Sequence[Update]) -> None:
+        for update in updates:
+            for subscriber in self._by_log.get(update.log, ()):
+                subscriber.offer(update)
+
+    def catch_up_all(self) -> None:
+        for subscribers in self._by_log.values():
+            for subscriber in subscribers:
+                subscriber.catch_up()
+
+    @property
+    def subscriber_count(self) -> int:
+        return len({s for subscribers in self._by_log.values() for s in subscribers})
+
+
+class MemoryBroker(LocalFanout):
+    """The embedded default: one process, no network."""
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def publish(self, updates: Sequence[Update]) -> None:
+        self.deliver(updates)
+
+    async def ready(self) -> bool:
+        return True
+
+
+def redis_names(prefix: str) -> dict[str, str]:
+    """Every Redis key and channel Pombo uses, from one prefix."""
+    return {"events": f"{prefix}:events", "instances": f"{prefix}:instances"}
+
+
+class RedisBroker(LocalFanout):
+    """Replicas: one Redis pub/sub connection per process, fanned out in memory.
+
+    Local subscribers are served directly, so this process never depends on Redis to see its
+    own commits; batches from other processes arrive on one channel.
+    """
+
+    def __init__(self, url: str, prefix: str) -> None:
+        super().__init__()
+        self._redis = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        self._channel = redis_names(prefix)["events"]
+        self._origin = os.urandom(8).hex()
+        self._listener: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+
+    async def start(self) -> None:
+        self._listener = asyncio.create_task(self._listen(), name="redis-broker")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        await self._redis.aclose()
+
+    async def publish(self, updates: Sequence[Update]) -> None:
+        self.deliver(updates)
+        payload = json.dumps({"o": self._origin, "u": [_pack(u) for u in updates]})
+        try:
+            await self._redis.publish(self._channel, payload)
+        except (RedisError, OSError) as error:
+            # Committed is committed: other replicas catch up from the database on reconnect.
+            logger.warning("redis publish failed ({}); replicas will catch up", error)
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def _listen(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._consume()
+            except (RedisError, OSError) as error:
+                self.connected.clear()
+                logger.warning("redis subscription lost ({}); retrying in {:.1f}s", error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            else:
+                delay = 0.1
+
+    async def _consume(self) -> None:
+        async with self._redis.pubsub() as pubsub:
+            await pubsub.subscribe(self._channel)
+            async for message in pubsub.listen():
+                if message["type"] == "subscribe":
+                    self._on_subscribed()
+                elif message["type"] == "message":
+                    self._on_message(message["data"])
+
+    def _on_subscribed(self) -> None:
+        # Whatever was published while we were away is in the database: re-read it.
+        was_connected = self.connected.is_set()
+        self.connected.set()
+        if not was_connected:
+            logger.info("redis subscription ready")
+            self.catch_up_all()
+
+    def _on_message(self, raw: bytes) -> None:
+        batch = json.loads(raw)
+        if batch["o"] != self._origin:
+            self.deliver([_unpack(item) for item in batch["u"]])
+
+
+def _pack(update: Update) -> list[object]:
+    return [update.log, update.seq, update.type, update.data, update.at]
+
+
+def _unpack(item: list[object]) -> Update:
+    log, seq, type_, data, at = item
+    return Update(str(log), int(str(seq)), str(type_), str(data), str(at))
+
+
+def create_broker(redis_url: str, prefix: str) -> Broker:
+    return RedisBroker(redis_url, prefix) if redis_url else MemoryBroker()

@@ -1,0 +1,62 @@
+"""The database's life: one process per SQLite file, migrations at start, connections."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+
+import asyncpg
+from tortoise import Tortoise
+from tortoise.migrations.api import migrate
+
+from settings import Settings, SettingsError, tortoise_config
+
+# Any constant shared by all replicas: it names Pombo's migration lock in PostgreSQL.
+MIGRATION_LOCK = 0x706F6D626F
+
+
+@contextmanager
+def single_process(settings: Settings) -> Iterator[None]:
+    """SQLite serves one process: a second one on the same data dir refuses to start."""
+    if not settings.is_sqlite:
+        yield
+        return
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(settings.data_dir / "pombo.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise SettingsError(
+            f"another Pombo process uses {settings.data_dir}: SQLite serves one process "
+            "(set POMBO_DATABASE_URL to PostgreSQL and POMBO_REDIS_URL to run several)"
+        ) from None
+    try:
+        yield
+    finally:
+        os.close(descriptor)
+
+
+async def apply_migrations(settings: Settings) -> None:
+    """Bring the schema up to date; replicas starting together take turns."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    async with _migration_lock(settings):
+        try:
+            await migrate(config=tortoise_config(settings))
+        finally:
+            await Tortoise.close_connections()
+
+
+@asynccontextmanager
+async def _migration_lock(settings: Settings) -> AsyncIterator[None]:
+    if settings.is_sqlite:
+        yield
+        return
+    connection = await asyncpg.connect(settings.database.split("?")[0])
+    try:
+        await connection.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        yield
+    finally:
+        await connection.close()

@@ -1,0 +1,59 @@
+"""The typed dependencies route handlers take: the hub, the settings, the caller."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Path, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from auth import Principal, TokenCodec
+from errors import unauthorized
+from hub import Hub, Window
+from models import QUEUE_NAME_PATTERN
+from settings import Settings
+
+_bearer = HTTPBearer(auto_error=False, description="a token from `python main.py token`")
+
+
+def _hub(request: Request) -> Hub:
+    hub: Hub = request.app.state.hub
+    return hub
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _principal(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    access_token: Annotated[
+        str | None, Query(description="for EventSource, which cannot send headers")
+    ] = None,
+) -> Principal:
+    token = credentials.credentials if credentials else access_token
+    if token:
+        codec: TokenCodec = request.app.state.tokens
+        return codec.read(token)
+    anonymous: Principal | None = request.app.state.anonymous
+    if anonymous is None:
+        raise unauthorized()
+    return anonymous
+
+
+def _window(
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> Window:
+    return Window(limit, offset)
+
+
+HubDep = Annotated[Hub, Depends(_hub)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
+CurrentPrincipal = Annotated[Principal, Depends(_principal)]
+WindowDep = Annotated[Window, Depends(_window)]
+QueueName = Annotated[
+    str, Path(pattern=QUEUE_NAME_PATTERN, description="lowercase letters, digits, `.`, `_`, `-`")
+]

@@ -1,0 +1,98 @@
+"""Every error Pombo answers with, in one place, and the handlers that shape them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from loguru import logger
+from starlette.exceptions import HTTPException
+
+
+class ApiError(Exception):
+    """An error the client can act on: `{"error": {"code", "message", "details"}}`."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+
+def not_found(thing: str, name: str) -> ApiError:
+    return ApiError(404, f"{thing}_not_found", f"{thing.replace('_', ' ')} {name!r} not found")
+
+
+def bad_request(code: str, message: str, **details: Any) -> ApiError:
+    return ApiError(400, code, message, details)
+
+
+def conflict(code: str, message: str, **details: Any) -> ApiError:
+    return ApiError(409, code, message, details)
+
+
+def validation_error(details: dict[str, Any], message: str = "request is invalid") -> ApiError:
+    return ApiError(422, "validation_error", message, details)
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, "too_large", f"request body exceeds {limit} bytes", {"limit": limit})
+
+
+def unauthorized(reason: str = "a valid token is required") -> ApiError:
+    return ApiError(401, "unauthorized", reason)
+
+
+def forbidden(scope: str) -> ApiError:
+    return ApiError(403, "forbidden", f"this token lacks the scope {scope!r}", {"needed": scope})
+
+
+def unavailable(message: str) -> ApiError:
+    return ApiError(503, "unavailable", message)
+
+
+def envelope(error: ApiError) -> JSONResponse:
+    body = {"error": {"code": error.code, "message": error.message, "details": error.details}}
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(body, status_code=error.status, headers=headers)
+
+
+def field_errors(errors: Any) -> dict[str, list[str]]:
+    """Pydantic errors as `{"body.priority": ["Input should be …"]}`."""
+    fields: dict[str, list[str]] = {}
+    for error in errors:
+        where = ".".join(str(part) for part in error.get("loc", ())) or "request"
+        fields.setdefault(where, []).append(str(error.get("msg", "invalid")))
+    return fields
+
+
+async def _api_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, ApiError)
+    return envelope(error)
+
+
+async def _invalid_request(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    return envelope(validation_error(field_errors(error.errors())))
+
+
+async def _http_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    code = codes.get(error.status_code, "http_error")
+    return envelope(ApiError(error.status_code, code, str(error.detail)))
+
+
+async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+    logger.opt(exception=error).error("unhandled error")
+    return envelope(ApiError(500, "internal_error", "internal error"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,310 @@
+"""Pombo's domain operations. Each change runs through the writer: rows and events, one commit.
+
+Reads go straight to the database. Nothing here knows about HTTP beyond the error catalog.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from tortoise.functions import Count
+from tortoise.queryset import QuerySet
+
+from auth import Principal
+from broker import Broker
+from errors import conflict, not_found, validation_error
+from models import Event, EventLog, Message, MessageStatus, Priority, Queue, new_id
+from schemas import Draft, MessageOut, QueueCreate, QueueOut, QueueUpdate, Update, utc_text
+from settings import Settings
+from writer import Tx, Writer
+
+
+def queue_log(name: str) -> str:
+    return f"queue:{name}"
+
+
+@dataclass(frozen=True)
+class Published:
+    message: Message
+    created: bool  # False when an idempotency key returned an earlier message
+
+
+@dataclass(frozen=True)
+class MessageFilter:
+    status: MessageStatus | None = None
+    type: str | None = None
+    priority: Priority | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Window:
+    limit: int
+    offset: int
+
+
+class Hub:
+    def __init__(self, settings: Settings, writer: Writer, broker: Broker) -> None:
+        self.settings = settings
+        self.writer = writer
+        self.broker = broker
+
+    # Queues ------------------------------------------------------------------------------
+
+    async def create_queue(self, spec: QueueCreate, owner: str) -> QueueOut:
+        async def create(tx: Tx) -> QueueOut:
+            existing = await Queue.filter(name=spec.name).using_db(tx.conn).first()
+            if existing is not None:
+                code = "queue_deleted" if existing.deleted_at else "queue_exists"
+                raise conflict(code, f"queue {spec.name!r} already exists", queue=spec.name)
+            return QueueOut.of(await _create_queue(tx, spec, owner))
+
+        return await self.writer.run(create)
+
+    async def update_queue(self, name: str, patch: QueueUpdate) -> QueueOut:
+        changes = patch.model_dump(exclude_unset=True)
+
+        async def update(tx: Tx) -> QueueOut:
+            queue = await _live_queue(tx, name)
+            queue.update_from_dict(changes)
+            queue.updated_at = tx.now
+            await queue.save(using_db=tx.conn)
+            return await _emit_queue(tx, queue, "queue.updated")
+
+        return await self.writer.run(update)
+
+    async def delete_queue(self, name: str) -> QueueOut:
+        return await self._set_deleted(name, deleted=True)
+
+    async def restore_queue(self, name: str) -> QueueOut:
+        return await self._set_deleted(name, deleted=False)
+
+    async def _set_deleted(self, name: str, deleted: bool) -> QueueOut:
+        async def change(tx: Tx) -> QueueOut:
+            queue = await Queue.filter(name=name).using_db(tx.conn).first()
+            if queue is None or (queue.deleted_at is None) != deleted:
+                raise not_found("queue", name)
+            queue.deleted_at = tx.now if deleted else None
+            queue.updated_at = tx.now
+            await queue.save(using_db=tx.conn)
+            return await _emit_queue(tx, queue, "queue.deleted" if deleted else "queue.restored")
+
+        return await self.writer.run(change)
+
+    async def get_queue(self, name: str, include_deleted: bool = False) -> QueueOut:
+        queue = await Queue.filter(name=name).first()
+        if queue is None or (queue.deleted_at is not None and not include_deleted):
+            raise not_found("queue", name)
+        counts = await _status_counts([queue.id])
+        return QueueOut.of(queue, counts.get(queue.id))
+
+    async def list_queues(
+        self, principal: Principal, include_deleted: bool, window: Window
+    ) -> tuple[list[QueueOut], int]:
+        query = Queue.all() if include_deleted else Queue.filter(deleted_at__isnull=True)
+        visible = [q for q in await query.order_by("name") if _may_see(principal, q.name)]
+        page = visible[window.offset : window.offset + window.limit]
+        counts = await _status_counts([q.id for q in page])
+        return [QueueOut.of(q, counts.get(q.id)) for q in page], len(visible)
+
+    # Messages ----------------------------------------------------------------------------
+
+    async def publish(self, name: str, drafts: Sequence[Draft], principal: Principal) -> list[Published]:
+        """All or nothing. Creates the queue when the caller may manage that name."""
+        owner = principal.subject if principal.can("manage", name) else None
+        _reject_repeated_keys(drafts)
+
+        async def publish(tx: Tx) -> list[Published]:
+            queue = await _live_queue(tx, name, create_for=owner)
+            earlier = await _earlier_by_key(tx, queue, drafts, self.settings.idempotency_seconds)
+            fresh = [_new_message(tx, queue, d) for d in drafts if d.idempotency_key not in earlier]
+            await _release_stale_keys(tx, queue, fresh)
+            await Message.bulk_create(fresh, using_db=tx.conn)
+            for message in fresh:
+                tx.emit(queue_log(name), "message.created", MessageOut.of(message, name).model_dump_json())
+            new = iter(fresh)
+            return [
+                Published(earlier[d.idempotency_key], False)
+                if d.idempotency_key in earlier
+                else Published(next(new), True)
+                for d in drafts
+            ]
+
+        return await self.writer.run(publish)
+
+    async def get_message(self, name: str, message_id: str) -> MessageOut:
+        queue = await self.live_queue(name)
+        message = await Message.filter(id=message_id, queue_id=queue.id).first()
+        if message is None:
+            raise not_found("message", message_id)
+        return MessageOut.of(message, name)
+
+    async def list_messages(
+        self, name: str, where: MessageFilter, window: Window
+    ) -> tuple[list[MessageOut], int]:
+        queue = await self.live_queue(name)
+        query = _filtered(Message.filter(queue_id=queue.id), where)
+        total = await query.count()
+        rows = await query.order_by("created_at", "id").offset(window.offset).limit(window.limit)
+        return [MessageOut.of(m, name) for m in rows], total
+
+    async def delete_message(self, name: str, message_id: str) -> MessageOut:
+        async def delete(tx: Tx) -> MessageOut:
+            queue = await _live_queue(tx, name)
+            message = await Message.filter(id=message_id, queue_id=queue.id).using_db(tx.conn).first()
+            if message is None:
+                raise not_found("message", message_id)
+            await message.delete(using_db=tx.conn)
+            gone = MessageOut.of(message, name, deleted_at=tx.now)
+            tx.emit(queue_log(name), "message.deleted", gone.model_dump_json())
+            return gone
+
+        return await self.writer.run(delete)
+
+    # Logs --------------------------------------------------------------------------------
+
+    async def live_queue(self, name: str) -> Queue:
+        queue = await Queue.filter(name=name, deleted_at__isnull=True).first()
+        if queue is None:
+            raise not_found("queue", name)
+        return queue
+
+    async def read_log(self, log: str, after: int, limit: int, upto: int | None = None) -> list[Update]:
+        query = Event.filter(log=log, seq__gt=after)
+        if upto is not None:
+            query = query.filter(seq__lte=upto)
+        rows = await query.order_by("seq").limit(limit)
+        return [Update(e.log, e.seq, e.type, e.data, utc_text(e.at)) for e in rows]
+
+    async def count_log(self, log: str, after: int) -> int:
+        return await Event.filter(log=log, seq__gt=after).count()
+
+    async def log_bounds(self, log: str) -> tuple[int, int]:
+        """(oldest retained sequence, head sequence); oldest is head + 1 when none is kept."""
+        row = await EventLog.filter(name=log).first()
+        head = row.last_seq if row else 0
+        first = await Event.filter(log=log).order_by("seq").only("seq").first()
+        return (first.seq if first else head + 1), head
+
+
+async def _create_queue(tx: Tx, spec: QueueCreate, owner: str) -> Queue:
+    fields = spec.model_dump()
+    queue = await Queue.create(using_db=tx.conn, owner=owner, created_at=tx.now, updated_at=tx.now, **fields)
+    await EventLog.create(using_db=tx.conn, name=queue_log(queue.name), last_seq=0)
+    tx.emit(queue_log(queue.name), "queue.created", QueueOut.of(queue).model_dump_json())
+    return queue
+
+
+async def _emit_queue(tx: Tx, queue: Queue, event: str) -> QueueOut:
+    counts = await _status_counts([queue.id], tx)
+    resource = QueueOut.of(queue, counts.get(queue.id))
+    tx.emit(queue_log(queue.name), event, resource.model_dump_json())
+    return resource
+
+
+async def _live_queue(tx: Tx, name: str, create_for: str | None = None) -> Queue:
+    queue = await Queue.filter(name=name).using_db(tx.conn).first()
+    if queue is not None and queue.deleted_at is None:
+        return queue
+    if queue is None and create_for is not None:
+        return await _create_queue(tx, QueueCreate(name=name), create_for)
+    raise not_found("queue", name)
+
+
+async def _status_counts(queue_ids: list[int], tx: Tx | None = None) -> dict[int, dict[str, int]]:
+    if not queue_ids:
+        return {}
+    query = Message.filter(queue_id__in=queue_ids)
+    if tx is not None:
+        query = query.using_db(tx.conn)
+    rows = (
+        await query.annotate(n=Count("id")).group_by("queue_id", "status").values("queue_id", "status", "n")
+    )
+    counts: dict[int, dict[str, int]] = {}
+    for row in rows:
+        status = row["status"].value if isinstance(row["status"], MessageStatus) else str(row["status"])
+        counts.setdefault(row["queue_id"], {})[status] = row["n"]
+    return counts
+
+
+def _may_see(principal: Principal, name: str) -> bool:
+    return principal.can("subscribe", name) or principal.can("manage", name)
+
+
+def _reject_repeated_keys(drafts: Sequence[Draft]) -> None:
+    seen: dict[str, int] = {}
+    for index, draft in enumerate(drafts):
+        key = draft.idempotency_key
+        if key is not None and key in seen:
+            problem = [f"idempotency_key repeats item {seen[key]}"]
+            raise validation_error({"items": {str(index): problem}}, "idempotency keys repeat in the batch")
+        if key is not None:
+            seen[key] = index
+
+
+async def _earlier_by_key(
+    tx: Tx, queue: Queue, drafts: Sequence[Draft], ttl: float
+) -> dict[str | None, Message]:
+    """Messages published earlier with the same keys, still within the idempotency window."""
+    keys = [d.idempotency_key for d in drafts if d.idempotency_key is not None]
+    if not keys:
+        return {}
+    since = tx.now - timedelta(seconds=ttl)
+    rows = await Message.filter(queue_id=queue.id, idempotency_key__in=keys, created_at__gte=since).using_db(
+        tx.conn
+    )
+    earlier: dict[str | None, Message] = {m.idempotency_key: m for m in rows}
+    for draft in drafts:
+        match = earlier.get(draft.idempotency_key)
+        if match is not None and not draft.same_as(match):
+            raise conflict(
+                "idempotency_conflict",
+                "this idempotency key was used for a different message",
+                key=draft.idempotency_key,
+                message_id=match.id,
+            )
+    return earlier
+
+
+async def _release_stale_keys(tx: Tx, queue: Queue, fresh: Sequence[Message]) -> None:
+    """Keys older than the window may be used again: unset them on the old messages."""
+    keys = [m.idempotency_key for m in fresh if m.idempotency_key is not None]
+    if keys:
+        await (
+            Message.filter(queue_id=queue.id, idempotency_key__in=keys)
+            .using_db(tx.conn)
+            .update(idempotency_key=None)
+        )
+
+
+def _new_message(tx: Tx, queue: Queue, draft: Draft) -> Message:
+    return Message(
+        id=new_id(),
+        queue_id=queue.id,
+        body=draft.body,
+        content_type=draft.content_type,
+        type=draft.type,
+        priority=draft.priority,
+        headers=draft.headers,
+        status=MessageStatus.pending,
+        idempotency_key=draft.idempotency_key,
+        available_at=draft.available_at(tx.now),
+        created_at=tx.now,
+        updated_at=tx.now,
+    )
+
+
+def _filtered(query: QuerySet[Message], where: MessageFilter) -> QuerySet[Message]:
+    conditions: dict[str, Any] = {
+        "status": where.status,
+        "type": where.type,
+        "priority": where.priority,
+        "created_at__gte": where.created_after,
+        "created_at__lt": where.created_before,
+    }
+    given = {key: value for key, value in conditions.items() if value is not None}
+    return query.filter(**given) if given else query

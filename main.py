@@ -1,0 +1,166 @@
+"""Pombo: the app factory, its lifespan, and the command line.
+
+python main.py [serve]                         run the service
+python main.py token --sub NAME --scope "…"    print a signed token
+python main.py migrate                         apply migrations and exit
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+import uvicorn
+from fastapi import FastAPI
+from loguru import logger
+from tortoise import Tortoise
+from tortoise.contrib.fastapi import RegisterTortoise
+
+import api_messages
+import api_queues
+import api_system
+from auth import (
+    ADMIN_TOKEN_FILE,
+    TokenCodec,
+    anonymous,
+    issue_token,
+    load_secret,
+    parse_scopes,
+    write_private,
+)
+from broker import create_broker
+from database import apply_migrations, single_process
+from errors import install_error_handlers
+from hub import Hub
+from observability import RequestContext, configure_logging
+from schemas import parse_duration
+from settings import Settings, SettingsError, load_settings, tortoise_config
+from writer import Writer
+
+ADMIN_TOKEN_TTL = timedelta(days=365)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="Pombo", version="0.1.0", lifespan=_lifespan, description="A small, self-hosted message hub."
+    )
+    app.state.settings = settings
+    app.state.anonymous = anonymous(settings.anonymous_scopes)
+    install_error_handlers(app)
+    for module in (api_system, api_queues, api_messages):
+        app.include_router(module.router)
+    app.add_middleware(RequestContext)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    await apply_migrations(settings)
+    secret, generated = load_secret(settings)
+    app.state.tokens = TokenCodec(secret, settings.jwt_algorithm)
+    async with RegisterTortoise(app, config=tortoise_config(settings)):
+        if generated:
+            await _first_admin_token(settings, app.state.tokens)
+        async with _running_hub(app, settings):
+            broker = "redis" if settings.redis_url else "in-process broker"
+            logger.info("pombo ready on {}:{} ({})", settings.host, settings.port, broker)
+            yield
+
+
+@asynccontextmanager
+async def _running_hub(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
+    broker = create_broker(settings.redis_url, settings.redis_prefix)
+    writer = Writer(broker, settings.writer_batch)
+    await broker.start()
+    writer.start()
+    app.state.hub = Hub(settings, writer, broker)
+    try:
+        yield
+    finally:
+        await writer.close()
+        await broker.close()
+
+
+async def _first_admin_token(settings: Settings, codec: TokenCodec) -> None:
+    minted = await issue_token(codec, "admin", frozenset({"admin"}), ADMIN_TOKEN_TTL)
+    path = settings.data_dir / ADMIN_TOKEN_FILE
+    write_private(path, minted.token + "\n")
+    # The console shows where the token is, never the token itself.
+    logger.warning("first start: generated a JWT secret; an admin token is in {} (mode 0600)", path)
+
+
+def _raise_open_files_limit() -> None:
+    """10,000 streams need 10,000 sockets: lift our soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def serve(settings: Settings) -> None:
+    _raise_open_files_limit()
+    with single_process(settings):
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            loop="uvloop",
+            http="httptools",
+            timeout_graceful_shutdown=5,
+        )
+
+
+async def _mint(settings: Settings, subject: str, scopes: frozenset[str], ttl: timedelta) -> str:
+    secret, _ = load_secret(settings)
+    await apply_migrations(settings)
+    await Tortoise.init(config=tortoise_config(settings))
+    try:
+        minted = await issue_token(TokenCodec(secret, settings.jwt_algorithm), subject, scopes, ttl)
+    finally:
+        await Tortoise.close_connections()
+    return minted.token
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python main.py", description="Pombo, a small message hub.")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", help="run the service (the default)")
+    commands.add_parser("migrate", help="apply database migrations and exit")
+    token = commands.add_parser("token", help="print a signed token on stdout")
+    token.add_argument("--sub", required=True, help="the subject, e.g. a user or service name")
+    token.add_argument(
+        "--scope", default="", help='space-separated scopes, e.g. "publish:builds.* subscribe:*"'
+    )
+    token.add_argument("--ttl", default="30d", help="lifetime: 3600, 30m, 12h, 30d (default 30d)")
+    return parser
+
+
+def run(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        if args.command == "token":
+            configure_logging(settings.json_logs, level="WARNING")
+            scopes, ttl = parse_scopes(args.scope), timedelta(seconds=parse_duration(args.ttl))
+            print(asyncio.run(_mint(settings, args.sub, scopes, ttl)))
+            return 0
+        configure_logging(settings.json_logs)
+        if args.command == "migrate":
+            asyncio.run(apply_migrations(settings))
+        else:
+            serve(settings)
+    except (SettingsError, ValueError) as error:
+        print(f"pombo: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))

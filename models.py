@@ -1,0 +1,138 @@
+"""Tortoise models: queues, their messages, the event logs and the tokens we minted."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
+
+from tortoise import fields
+from tortoise.indexes import Index
+from tortoise.models import Model
+
+QUEUE_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+_last_id = [0, 0]  # (milliseconds, counter) of the last id this process made
+
+
+def new_id() -> str:
+    """A UUIDv7 (RFC 9562) that also sorts in creation order within one millisecond."""
+    millis = max(time.time_ns() // 1_000_000, _last_id[0])
+    counter = _last_id[1] + 1 if millis == _last_id[0] else 0
+    if counter > 0xFFF:  # 4,096 ids in one millisecond: borrow the next one
+        millis, counter = millis + 1, 0
+    _last_id[:] = [millis, counter]
+    random_bits = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    value = (millis << 80) | (0x7 << 76) | (counter << 64) | (0x2 << 62) | random_bits
+    return str(uuid.UUID(int=value))
+
+
+class Priority(IntEnum):
+    """Stored as a number so claims can order by it; spoken as a name."""
+
+    low = 0
+    normal = 1
+    high = 2
+    urgent = 3
+
+
+class MessageStatus(StrEnum):
+    pending = "pending"
+    processing = "processing"
+    done = "done"
+    dead = "dead"
+
+
+class Queue(Model):
+    id = fields.IntField(primary_key=True)
+    name = fields.CharField(max_length=64, unique=True)
+    description = fields.TextField(default="")
+    owner = fields.CharField(max_length=255)
+    visibility_timeout = fields.FloatField(default=30.0)
+    max_attempts = fields.IntField(default=5)
+    backoff_base = fields.FloatField(default=1.0)
+    backoff_max = fields.FloatField(default=300.0)
+    # Zero keeps messages forever.
+    retention_seconds = fields.IntField(default=14 * 24 * 3600)
+    created_at = fields.DatetimeField(auto_now_add=True)
+    updated_at = fields.DatetimeField(auto_now=True)
+    deleted_at = fields.DatetimeField(null=True)
+
+    class Meta:
+        table = "queues"
+
+
+class Message(Model):
+    id = fields.CharField(max_length=36, primary_key=True)
+    queue: fields.ForeignKeyRelation[Queue] = fields.ForeignKeyField(
+        "pombo.Queue", related_name="messages", on_delete=fields.CASCADE
+    )
+    queue_id: int
+    body = fields.TextField()
+    # application/json keeps `body` as JSON text; anything else is text as sent.
+    content_type = fields.CharField(max_length=255)
+    type = fields.CharField(max_length=64, default="")
+    priority = fields.IntEnumField(Priority, default=Priority.normal)
+    headers: dict[str, str] = fields.JSONField(default=dict)
+    status = fields.CharEnumField(MessageStatus, max_length=16, default=MessageStatus.pending)
+    idempotency_key = fields.CharField(max_length=255, null=True)
+    attempts = fields.IntField(default=0)
+    available_at = fields.DatetimeField()
+    lease_id = fields.CharField(max_length=36, null=True)
+    lease_expires_at = fields.DatetimeField(null=True)
+    last_error = fields.TextField(null=True)
+    created_at = fields.DatetimeField()
+    updated_at = fields.DatetimeField()
+    finished_at = fields.DatetimeField(null=True)
+
+    class Meta:
+        table = "messages"
+        unique_together = (("queue", "idempotency_key"),)
+        indexes = (
+            Index(fields=("queue", "status", "priority", "available_at")),
+            Index(fields=("queue", "created_at")),
+        )
+
+
+# One row per ordered log: bumping last_seq inside a transaction orders its commits.
+# (No docstrings on models: Tortoise turns them into SQL table comments.)
+class EventLog(Model):
+    name = fields.CharField(max_length=80, primary_key=True)
+    last_seq = fields.BigIntField(default=0)
+
+    class Meta:
+        table = "event_logs"
+
+
+class Event(Model):
+    id = fields.BigIntField(primary_key=True)
+    log = fields.CharField(max_length=80)
+    seq = fields.BigIntField()
+    type = fields.CharField(max_length=40)
+    # Stored encoded: replay sends it as is, never re-encoding.
+    data = fields.TextField()
+    at = fields.DatetimeField()
+
+    class Meta:
+        table = "events"
+        unique_together = (("log", "seq"),)
+        indexes = (Index(fields=("at",)),)
+
+
+class Token(Model):
+    id = fields.CharField(max_length=36, primary_key=True)
+    subject = fields.CharField(max_length=255)
+    scopes = fields.TextField()
+    created_at = fields.DatetimeField()
+    expires_at = fields.DatetimeField()
+    revoked_at = fields.DatetimeField(null=True)
+
+    class Meta:
+        table = "tokens"

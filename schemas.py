@@ -1,0 +1,214 @@
+"""What travels: request and response bodies, and the update the broker carries."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from models import QUEUE_NAME_PATTERN, Message, MessageStatus, Priority, Queue
+
+PriorityName = Literal["low", "normal", "high", "urgent"]
+TYPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$"
+JSON = "application/json"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+T = TypeVar("T")
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `30s`, `5m`, `2h`, `30d` → seconds; ValueError otherwise."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (try 30s, 5m, 2h or 7d)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class QueueSettings(Strict):
+    description: str = Field(default="", max_length=2000)
+    visibility_timeout: float = Field(default=30.0, gt=0, le=12 * 3600)
+    max_attempts: int = Field(default=5, ge=1, le=1000)
+    backoff_base: float = Field(default=1.0, ge=0, le=3600)
+    backoff_max: float = Field(default=300.0, ge=0, le=7 * 86400)
+    retention_seconds: int = Field(default=14 * 86400, ge=0)
+
+
+class QueueCreate(QueueSettings):
+    name: str = Field(pattern=QUEUE_NAME_PATTERN)
+
+
+class QueueUpdate(Strict):
+    description: str | None = Field(default=None, max_length=2000)
+    visibility_timeout: float | None = Field(default=None, gt=0, le=12 * 3600)
+    max_attempts: int | None = Field(default=None, ge=1, le=1000)
+    backoff_base: float | None = Field(default=None, ge=0, le=3600)
+    backoff_max: float | None = Field(default=None, ge=0, le=7 * 86400)
+    retention_seconds: int | None = Field(default=None, ge=0)
+
+
+class QueueOut(QueueSettings):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    owner: str
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None = None
+    messages: dict[str, int] = Field(default_factory=dict, description="message counts by status")
+
+    @classmethod
+    def of(cls, queue: Queue, counts: dict[str, int] | None = None) -> QueueOut:
+        return cls(
+            name=queue.name,
+            owner=queue.owner,
+            description=queue.description,
+            visibility_timeout=queue.visibility_timeout,
+            max_attempts=queue.max_attempts,
+            backoff_base=queue.backoff_base,
+            backoff_max=queue.backoff_max,
+            retention_seconds=queue.retention_seconds,
+            created_at=queue.created_at,
+            updated_at=queue.updated_at,
+            deleted_at=queue.deleted_at,
+            messages={status.value: (counts or {}).get(status.value, 0) for status in MessageStatus},
+        )
+
+
+class PublishIn(Strict):
+    body: Any = Field(description="any JSON value, kept as JSON")
+    type: str = Field(default="", pattern=r"^$|" + TYPE_PATTERN)
+    priority: PriorityName = "normal"
+    delay: float | None = Field(default=None, ge=0, le=365 * 86400)
+    not_before: AwareDatetime | None = None
+    headers: dict[str, str] = Field(default_factory=dict, max_length=64)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+
+
+@dataclass
+class Draft:
+    """A message validated at the edge, ready for the writer."""
+
+    body: str
+    content_type: str
+    type: str = ""
+    priority: Priority = Priority.normal
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    not_before: datetime | None = None
+    idempotency_key: str | None = None
+
+    @classmethod
+    def from_json(cls, item: PublishIn) -> Draft:
+        return cls(
+            body=json.dumps(item.body, ensure_ascii=False, separators=(",", ":")),
+            content_type=JSON,
+            type=item.type,
+            priority=Priority[item.priority],
+            headers=item.headers,
+            delay=item.delay or 0.0,
+            not_before=item.not_before,
+            idempotency_key=item.idempotency_key,
+        )
+
+    def available_at(self, now: datetime) -> datetime:
+        delayed = now + timedelta(seconds=self.delay)
+        return max(delayed, self.not_before) if self.not_before else delayed
+
+    def same_as(self, message: Message) -> bool:
+        return (self.body, self.content_type, self.type) == (
+            message.body,
+            message.content_type,
+            message.type,
+        )
+
+
+class MessageOut(BaseModel):
+    id: str
+    queue: str
+    body: Any = Field(description="JSON as published, or the text as published")
+    content_type: str
+    type: str
+    priority: PriorityName
+    headers: dict[str, str]
+    status: MessageStatus
+    attempts: int
+    idempotency_key: str | None
+    available_at: datetime
+    lease_expires_at: datetime | None
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    deleted_at: datetime | None = None
+
+    @classmethod
+    def of(cls, message: Message, queue: str, deleted_at: datetime | None = None) -> MessageOut:
+        json_body = message.content_type == JSON
+        return cls(
+            id=message.id,
+            queue=queue,
+            body=json.loads(message.body) if json_body else message.body,
+            content_type=message.content_type,
+            type=message.type,
+            priority=Priority(message.priority).name,
+            headers=message.headers,
+            status=message.status,
+            attempts=message.attempts,
+            idempotency_key=message.idempotency_key,
+            available_at=message.available_at,
+            lease_expires_at=message.lease_expires_at,
+            last_error=message.last_error,
+            created_at=message.created_at,
+            updated_at=message.updated_at,
+            finished_at=message.finished_at,
+            deleted_at=deleted_at,
+        )
+
+
+class EventOut(BaseModel):
+    seq: int
+    type: str
+    at: datetime
+    data: Any
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+    has_more: bool
+
+
+class Me(BaseModel):
+    subject: str
+    scopes: list[str]
+    expires_at: datetime | None
+
+
+@dataclass(slots=True)
+class Update:
+    """One committed event as the broker carries it; `data` is the JSON text of the resource."""
+
+    log: str
+    seq: int
+    type: str
+    data: str
+    at: str
+    frame: bytes | None = field(default=None, repr=False, compare=False)
+
+    def as_event(self) -> EventOut:
+        return EventOut(
+            seq=self.seq, type=self.type, at=datetime.fromisoformat(self.at), data=json.loads(self.data)
+        )
+
+
+def utc_text(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")

@@ -1,0 +1,175 @@
+"""Server-Sent Events for any log: subscribe, replay from the database, then go live.
+
+The subscription is taken before the response starts, so nothing committed after the client
+connected can slip between replay and live. Live updates at or below what was sent are dropped;
+a jump in sequence numbers, a broker reconnect or an overflowing buffer is filled from the
+database. The stream ends at its lifetime (the client resumes) or when its token expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from sse_starlette import EventSourceResponse
+from starlette.types import Receive, Scope, Send
+
+from broker import Broker, Subscriber
+from hub import Hub
+from schemas import Update
+
+REPLAY_PAGE = 500
+# Cut a client that stops reading: its socket buffer would otherwise hold the stream open.
+SEND_TIMEOUT_SECONDS = 30.0
+
+
+def frame(update: Update) -> bytes:
+    """The SSE frame for an update, encoded once and shared by every subscriber."""
+    encoded = update.frame
+    if encoded is None:
+        encoded = f"id: {update.seq}\nevent: {update.type}\ndata: {update.data}\n\n".encode()
+        update.frame = encoded
+    return encoded
+
+
+def control_frame(event: str, data: dict[str, object]) -> bytes:
+    """A frame outside the log (no `id:`), so it never moves the client's cursor."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def resume_cursor(header: str | None, query: int | None) -> int | None:
+    """`Last-Event-ID` wins over `last_event_id`; neither means live from now."""
+    if header is not None and header.strip().isdigit():
+        return int(header.strip())
+    return query
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    log: str
+    cursor: int | None
+    types: frozenset[str] | None
+    lifetime: float
+    retry_ms: int
+    token_expires_at: datetime | None = None
+
+
+class LogStream:
+    def __init__(self, hub: Hub, subscriber: Subscriber, spec: StreamSpec) -> None:
+        self._hub = hub
+        self._subscriber = subscriber
+        self._spec = spec
+        self._last = 0
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        yield f"retry: {self._spec.retry_ms}\n\n".encode()
+        reset = await self._position()
+        if reset is not None:
+            yield reset
+        async for chunk in self._replay():
+            yield chunk
+        async for chunk in self._live():
+            yield chunk
+
+    async def _position(self) -> bytes | None:
+        oldest, head = await self._hub.log_bounds(self._spec.log)
+        cursor = self._spec.cursor
+        if cursor is None:
+            self._last = head
+            return None
+        if oldest - 1 <= cursor <= head:
+            self._last = cursor
+            return None
+        # Said out loud, never skipped over: the client learns its cursor did not hold.
+        self._last = head if cursor > head else oldest - 1
+        reason = "cursor_ahead" if cursor > head else "cursor_expired"
+        return control_frame("stream.reset", {"reason": reason, "oldest_seq": oldest})
+
+    async def _replay(self, upto: int | None = None) -> AsyncIterator[bytes]:
+        while True:
+            batch = await self._hub.read_log(self._spec.log, self._last, REPLAY_PAGE, upto)
+            for update in batch:
+                chunk = self._advance(update)
+                if chunk:
+                    yield chunk
+            if len(batch) < REPLAY_PAGE:
+                return
+
+    async def _live(self) -> AsyncIterator[bytes]:
+        subscriber = self._subscriber
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self._remaining()
+        timer = loop.call_later(self._remaining(), subscriber.wakeup.set)
+        try:
+            while time.monotonic() < deadline:
+                await subscriber.wakeup.wait()
+                subscriber.wakeup.clear()
+                async for chunk in self._drain():
+                    yield chunk
+        finally:
+            timer.cancel()
+        if self._token_expired():
+            yield control_frame("stream.expired", {"reason": "token_expired"})
+
+    async def _drain(self) -> AsyncIterator[bytes]:
+        subscriber = self._subscriber
+        if subscriber.must_catch_up:
+            subscriber.must_catch_up = False
+            async for chunk in self._replay():
+                yield chunk
+        while subscriber.inbox:
+            update = subscriber.inbox.popleft()
+            if update.seq <= self._last:
+                continue  # already sent by replay, or a late duplicate
+            if update.seq > self._last + 1:
+                async for missed in self._replay(upto=update.seq - 1):
+                    yield missed
+            chunk = self._advance(update)
+            if chunk:
+                yield chunk
+
+    def _advance(self, update: Update) -> bytes | None:
+        self._last = update.seq
+        types = self._spec.types
+        return frame(update) if types is None or update.type in types else None
+
+    def _remaining(self) -> float:
+        remaining = self._spec.lifetime
+        expires = self._spec.token_expires_at
+        if expires is not None:
+            remaining = min(remaining, expires.timestamp() - time.time())
+        return max(remaining, 0.0)
+
+    def _token_expired(self) -> bool:
+        expires = self._spec.token_expires_at
+        return expires is not None and expires.timestamp() <= time.time() + 0.05
+
+
+class StreamResponse(EventSourceResponse):
+    """An SSE response that releases its broker subscription however it ends."""
+
+    def __init__(self, stream: LogStream, broker: Broker, subscriber: Subscriber, heartbeat: float) -> None:
+        super().__init__(
+            stream.frames(),
+            ping=heartbeat,
+            send_timeout=SEND_TIMEOUT_SECONDS,
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+        self._broker = broker
+        self._subscriber = subscriber
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._broker.unsubscribe(self._subscriber)
+
+
+def open_stream(hub: Hub, spec: StreamSpec, heartbeat: float, buffer: int) -> StreamResponse:
+    """Subscribe now, before any header is sent, then hand the stream to the response."""
+    subscriber = hub.broker.subscribe([spec.log], buffer)
+    return StreamResponse(LogStream(hub, subscriber, spec), hub.broker, subscriber, heartbeat)

@@ -1,0 +1,184 @@
+"""The single writer: group commit, sequence numbers, and handing events to the broker in order.
+
+Hub operations queue up here. The writer runs whatever is waiting in one transaction, appends
+the events they emitted to their logs (one counter bump per log, under that row's lock, so
+sequence order is commit order), commits, and only then publishes to the broker and answers.
+
+An operation may raise `ApiError` only before it writes anything: the writer then discards
+its events and carries on with the rest of the group. Any other error rolls the whole group
+back and each operation is retried in a transaction of its own, so one client's failure never
+costs another client its publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from loguru import logger
+from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.transactions import in_transaction
+
+from broker import Broker
+from errors import ApiError, unavailable
+from models import Event, utcnow
+from schemas import Update, utc_text
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Pending:
+    log: str
+    type: str
+    data: str
+
+
+@dataclass
+class Tx:
+    """What an operation sees: the transaction's connection and a way to emit events."""
+
+    conn: BaseDBAsyncClient
+    now: datetime
+    emitted: list[_Pending] = field(default_factory=list)
+
+    def emit(self, log: str, type_: str, data: str) -> None:
+        self.emitted.append(_Pending(log, type_, data))
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.conn.capabilities.dialect == "sqlite"
+
+    def sql(self, text: str) -> str:
+        """`?` placeholders, numbered for PostgreSQL (`$n` binds out of order on SQLite)."""
+        if self.is_sqlite:
+            return text
+        parts = text.split("?")
+        return parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], start=1))
+
+
+Operation = Callable[[Tx], Awaitable[T]]
+
+
+@dataclass
+class _Job(Generic[T]):
+    operation: Operation[T]
+    done: asyncio.Future[T]
+
+
+class Writer:
+    def __init__(self, broker: Broker, max_batch: int) -> None:
+        self._broker = broker
+        self._max_batch = max_batch
+        self._jobs: asyncio.Queue[_Job[Any]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def run(self, operation: Operation[T]) -> T:
+        """Run `operation` in the next group commit; returns after its commit."""
+        if self._closing:
+            raise unavailable("shutting down")
+        job: _Job[T] = _Job(operation, asyncio.get_running_loop().create_future())
+        self._jobs.put_nowait(job)
+        return await job.done
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="writer")
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop."""
+        self._closing = True
+        if self._task is not None:
+            self._jobs.put_nowait(_Job(_stop, asyncio.get_running_loop().create_future()))
+            await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            jobs = [await self._jobs.get()]
+            while len(jobs) < self._max_batch and not self._jobs.empty():
+                jobs.append(self._jobs.get_nowait())
+            stop = any(job.operation is _stop for job in jobs)
+            await self._commit([job for job in jobs if job.operation is not _stop])
+            if stop and self._jobs.empty():
+                return
+
+    async def _commit(self, jobs: list[_Job[Any]]) -> None:
+        if not jobs:
+            return
+        try:
+            outcomes, updates = await self._transaction(jobs)
+        except Exception as error:  # noqa: BLE001 - isolate, then report per job
+            if len(jobs) > 1:
+                for job in jobs:
+                    await self._commit([job])
+                return
+            logger.opt(exception=error).error("write failed")
+            outcomes, updates = [error], []
+        if updates:
+            await self._broker.publish(updates)
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            _settle(job.done, outcome)
+
+    async def _transaction(self, jobs: list[_Job[Any]]) -> tuple[list[Any], list[Update]]:
+        async with in_transaction() as conn:
+            tx = Tx(conn, utcnow())
+            outcomes = [await _attempt(job.operation, tx) for job in jobs]
+            updates = await _append(tx)
+        return outcomes, updates
+
+
+async def _stop(_: Tx) -> None:
+    return None
+
+
+async def _attempt(operation: Operation[Any], tx: Tx) -> Any:
+    mark = len(tx.emitted)
+    try:
+        return await operation(tx)
+    except ApiError as error:
+        del tx.emitted[mark:]
+        return error
+
+
+def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+async def _append(tx: Tx) -> list[Update]:
+    """Give each emitted event its log's next sequence number and store it."""
+    by_log: dict[str, list[_Pending]] = {}
+    for pending in tx.emitted:
+        by_log.setdefault(pending.log, []).append(pending)
+    at = utc_text(tx.now)
+    updates: list[Update] = []
+    # Logs lock in name order ("queue:…" before "user:…"), so writers never deadlock.
+    for log in sorted(by_log):
+        events = by_log[log]
+        last = await _bump(tx, log, len(events))
+        first = last - len(events) + 1
+        updates += [Update(log, first + i, e.type, e.data, at) for i, e in enumerate(events)]
+    if updates:
+        rows = [Event(log=u.log, seq=u.seq, type=u.type, data=u.data, at=tx.now) for u in updates]
+        await Event.bulk_create(rows, using_db=tx.conn)
+    return updates
+
+
+_BUMP = "UPDATE event_logs SET last_seq = last_seq + ? WHERE name = ? RETURNING last_seq"
+_CREATE_LOG = "INSERT INTO event_logs (name, last_seq) VALUES (?, 0) ON CONFLICT DO NOTHING"
+
+
+async def _bump(tx: Tx, log: str, count: int) -> int:
+    """Reserve `count` sequence numbers; the row lock is held until commit."""
+    rows = await tx.conn.execute_query_dict(tx.sql(_BUMP), [count, log])
+    if not rows:
+        await tx.conn.execute_query(tx.sql(_CREATE_LOG), [log])
+        rows = await tx.conn.execute_query_dict(tx.sql(_BUMP), [count, log])
+    return int(rows[0]["last_seq"])
