@@ -13,9 +13,9 @@ router = APIRouter(tags=["system"])
 
 
 @router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    """The process is up."""
-    return {"status": "ok"}
+async def healthz(hub: HubDep) -> dict[str, str | int]:
+    """The process is up; `streams` counts the SSE streams it holds open."""
+    return {"status": "ok", "streams": hub.broker.subscriber_count}
 
 
 @router.get("/readyz", responses={503: {"description": "the database or the broker is unreachable"}})

@@ -54,6 +54,8 @@ class Broker(Protocol):
     async def ready(self) -> bool: ...
     def subscribe(self, logs: Iterable[str], capacity: int) -> Subscriber: ...
     def unsubscribe(self, subscriber: Subscriber) -> None: ...
+    @property
+    def subscriber_count(self) -> int: ...
 
 
 class LocalFanout:
@@ -61,14 +63,17 @@ class LocalFanout:
 
     def __init__(self) -> None:
         self._by_log: dict[str, set[Subscriber]] = {}
+        self._count = 0
 
     def subscribe(self, logs: Iterable[str], capacity: int) -> Subscriber:
         subscriber = Subscriber(frozenset(logs), capacity)
         for log in subscriber.logs:
             self._by_log.setdefault(log, set()).add(subscriber)
+        self._count += 1
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
+        self._count -= 1
         for log in subscriber.logs:
             subscribers = self._by_log.get(log)
             if subscribers is not None:
@@ -88,7 +93,7 @@ class LocalFanout:
 
     @property
     def subscriber_count(self) -> int:
-        return len({s for subscribers in self._by_log.values() for s in subscribers})
+        return self._count
 
 
 class MemoryBroker(LocalFanout):

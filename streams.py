@@ -128,9 +128,9 @@ class LogStream:
             if update.seq > self._last + 1:
                 async for missed in self._replay(upto=update.seq - 1):
                     yield missed
-            chunk = self._advance(update)
-            if chunk:
-                yield chunk
+            current = self._advance(update)
+            if current:
+                yield current
 
     def _advance(self, update: Update) -> bytes | None:
         self._last = update.seq

@@ -1,0 +1,300 @@
+"""Real servers for tests: Pombo in a subprocess on a free port, real SQLite, PostgreSQL, Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import redis
+from httpx_sse import ServerSentEvent, aconnect_sse
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from auth import TokenCodec  # noqa: E402
+
+SECRET = "test-secret-" + "x" * 40
+PG_ADMIN_URL = os.environ.get("POMBO_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("POMBO_TEST_REDIS", "redis://127.0.0.1:6379/0")
+REQUIRE_SERVICES = os.environ.get("POMBO_TEST_REQUIRE_SERVICES") == "1"
+
+
+def mint(subject: str = "tester", scopes: str = "admin", ttl: float = 3600, secret: str = SECRET) -> str:
+    return TokenCodec(secret, "HS256").mint(subject, frozenset(scopes.split()), timedelta(seconds=ttl)).token
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+ADMIN = auth(mint())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def need_service(name: str, port: int) -> None:
+    if _reachable("127.0.0.1", port):
+        return
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{name} is not running on 127.0.0.1:{port} and POMBO_TEST_REQUIRE_SERVICES=1")
+    pytest.skip(f"{name} is not running on 127.0.0.1:{port}")
+
+
+@dataclass
+class Server:
+    """`python main.py serve` in a subprocess, with its log captured to a file."""
+
+    data_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / f"server-{self.port}.log"
+
+    def start(self, wait: bool = True) -> Server:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "POMBO_PORT": str(self.port), "POMBO_DATA_DIR": str(self.data_dir)}
+        env.setdefault("POMBO_ENVIRONMENT", "test")
+        env.update({"POMBO_JWT_SECRET": SECRET, **self.env})
+        env = {k: v for k, v in env.items() if v != ""}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "main.py"), "serve"], cwd=self.data_dir, env=env, stdout=log, stderr=log
+            )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited {self.process.returncode}: {self.log()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError(f"server did not start: {self.log()[-2000:]}")
+
+    def stop(self) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def client(self, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, headers=headers if headers is not None else ADMIN, timeout=30)
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[Any]:
+    servers: list[Server] = []
+
+    def make(data_dir: Path | None = None, **env: str) -> Server:
+        server = Server(data_dir or tmp_path / f"srv{len(servers)}", {k.upper(): v for k, v in env.items()})
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = Server(tmp_path_factory.mktemp("sqlite")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def client(sqlite_server: Server) -> AsyncIterator[httpx.AsyncClient]:
+    async with sqlite_server.client() as http:
+        yield http
+
+
+def unique(prefix: str = "q") -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def sqlite_snapshot(server: Server) -> dict[str, Any]:
+    """Every table's rows, read straight from the server's SQLite file."""
+    with sqlite3.connect(server.data_dir / "pombo.sqlite3") as db:
+        tables = ["queues", "messages", "events", "event_logs"]
+        return {t: db.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables}
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    need_service("PostgreSQL", 5432)
+    name = f"pombo_test_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(PG_ADMIN_URL)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+        )
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await admin.close()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The shared Redis, on a key prefix of this test's own (pass it as POMBO_REDIS_PREFIX)."""
+    need_service("Redis", 6379)
+    return REDIS_URL
+
+
+@dataclass
+class RedisProcess:
+    """A Redis server of the test's own, which it may stop and start again."""
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(args, cwd=self.directory, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis(port=self.port).ping():
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    if shutil.which("redis-server") is None:
+        if REQUIRE_SERVICES:
+            pytest.fail("redis-server is not installed and POMBO_TEST_REQUIRE_SERVICES=1")
+        pytest.skip("redis-server is not installed")
+    server = RedisProcess(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+class Listener:
+    """A real SSE client on a real server, recording every event with its arrival time."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None, params: Any = None) -> None:
+        self.url, self.headers, self.params = url, headers if headers is not None else ADMIN, params
+        self.events: list[tuple[float, ServerSentEvent]] = []
+        self.response: httpx.Response | None = None
+        self.connected = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Listener:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.wait_for(self._wait_connected(), 10)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _wait_connected(self) -> None:
+        assert self._task is not None
+        waiter = asyncio.create_task(self.connected.wait())
+        await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if self._task.done():
+            waiter.cancel()
+            self._task.result()
+
+    async def _run(self) -> None:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as http:
+            async with aconnect_sse(http, "GET", self.url, headers=self.headers, params=self.params) as source:
+                self.response = source.response
+                self.connected.set()
+                async for event in source.aiter_sse():
+                    if event.data:  # pings carry no data
+                        self.events.append((time.monotonic(), event))
+                        self._changed.set()
+
+    @property
+    def finished(self) -> bool:
+        return self._task is not None and self._task.done()
+
+    def logged(self) -> list[ServerSentEvent]:
+        """Events that belong to the log (they carry an `id:`)."""
+        return [e for _, e in self.events if e.event not in CONTROL_EVENTS]
+
+    async def wait_for(self, count: int, timeout: float = 10, event: str | None = None) -> list[ServerSentEvent]:
+        deadline = time.monotonic() + timeout
+        while True:
+            matching = [e for _, e in self.events if event is None or e.event == event]
+            if len(matching) >= count or self.finished:
+                return matching
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return matching
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+
+CONTROL_EVENTS = {"stream.reset", "stream.expired", "unread_count"}

@@ -1,0 +1,211 @@
+"""SSE streams against a real server: latency, resume, ordering, bounds, lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from typing import Any
+
+import httpx
+
+from conftest import ADMIN, Listener, Server, auth, mint, unique
+
+
+def stream_url(server: Server, queue: str) -> str:
+    return f"{server.url}/api/v1/queues/{queue}/stream"
+
+
+async def create_queue(http: httpx.AsyncClient, name: str | None = None) -> str:
+    name = name or unique()
+    response = await http.post("/api/v1/queues", json={"name": name})
+    assert response.status_code == 201, response.text
+    return name
+
+
+async def publish_many(http: httpx.AsyncClient, queue: str, bodies: list[Any]) -> None:
+    for body in bodies:
+        response = await http.post(f"/api/v1/queues/{queue}/messages", json={"body": body})
+        assert response.status_code == 201, response.text
+
+
+async def test_subscriber_sees_a_publish_within_100ms(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+    queue = await create_queue(client)
+    async with Listener(stream_url(sqlite_server, queue)) as listener:
+        lags = []
+        for n in range(5):
+            sent = time.monotonic()
+            await publish_many(client, queue, [{"n": n}])
+            await listener.wait_for(n + 1, event="message.created")
+            arrived, event = listener.events[-1]
+            assert json.loads(event.data)["body"] == {"n": n}
+            lags.append(arrived - sent)
+    assert max(lags) < 0.1, lags
+
+
+async def test_stream_headers_and_retry(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+    queue = await create_queue(client)
+    async with client.stream("GET", f"/api/v1/queues/{queue}/stream") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-store"
+        assert response.headers["x-accel-buffering"] == "no"
+        assert "content-encoding" not in response.headers
+        first = await anext(response.aiter_text())
+        assert first.startswith("retry: 3000")
+
+
+async def resume_after_gap(server: Server, http: httpx.AsyncClient, use_header: bool) -> None:
+    queue = await create_queue(http)
+    async with Listener(stream_url(server, queue), params={"last_event_id": 0}) as listener:
+        [created] = await listener.wait_for(1)
+        assert created.event == "queue.created"
+    cursor = created.id
+    await publish_many(http, queue, [{"n": n} for n in range(100)])
+    headers, params = ({**ADMIN, "Last-Event-ID": cursor}, None) if use_header else (ADMIN, {"last_event_id": cursor})
+    async with Listener(stream_url(server, queue), headers=headers, params=params) as listener:
+        events = await listener.wait_for(100)
+        await asyncio.sleep(0.2)  # anything extra would arrive now
+        events = listener.logged()
+    assert [json.loads(e.data)["body"]["n"] for e in events] == list(range(100))
+    assert [int(e.id) for e in events] == list(range(int(cursor) + 1, int(cursor) + 101))
+
+
+async def test_resume_with_last_event_id_header(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+    await resume_after_gap(sqlite_server, client, use_header=True)
+
+
+async def test_resume_with_last_event_id_query(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+    await resume_after_gap(sqlite_server, client, use_header=False)
+
+
+async def test_header_cursor_wins_over_query(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+    queue = await create_queue(client)
+    await publish_many(client, queue, [1, 2, 3])
+    headers = {**ADMIN, "Last-Event-ID": "3"}
+    async with Listener(stream_url(sqlite_server, queue), headers=headers, params={"last_event_id": 0}) as listener:
+        events = await listener.wait_for(1)
+    assert [e.id for e in events] == ["4"]
+
+
+async def concurrent_publishers(server: Server) -> None:
+    """4 publishers x 250 while a subscriber streams the whole log: one contiguous run."""
+    async with server.client() as http:
+        queue = await create_queue(http)
+        async with Listener(stream_url(server, queue), params={"last_event_id": 0}) as listener:
+
+            async def publisher(p: int) -> None:
+                async with server.client() as own:
+                    await publish_many(own, queue, [{"p": p, "n": n} for n in range(250)])
+
+            await asyncio.gather(*(publisher(p) for p in range(4)))
+            await listener.wait_for(1001, timeout=30)
+            await asyncio.sleep(0.2)
+        events = listener.logged()
+    assert [int(e.id) for e in events] == list(range(1, 1002))
+    bodies = [json.loads(e.data)["body"] for e in events if e.event == "message.created"]
+    assert len(bodies) == 1000
+    for p in range(4):
+        assert [b["n"] for b in bodies if b["p"] == p] == list(range(250))
+
+
+async def test_concurrent_publishers_on_sqlite(sqlite_server: Server) -> None:
+    await concurrent_publishers(sqlite_server)
+
+
+async def test_concurrent_publishers_on_postgres(make_server: Any, pg_url: str) -> None:
+    await concurrent_publishers(make_server(database_url=pg_url).start())
+
+
+async def test_types_filter(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+    queue = await create_queue(client)
+    params = {"last_event_id": 0, "types": "message.created,message.deleted"}
+    async with Listener(stream_url(sqlite_server, queue), params=params) as listener:
+        await publish_many(client, queue, ["a"])
+        [created] = await listener.wait_for(1)
+        message_id = json.loads(created.data)["id"]
+        assert (await client.delete(f"/api/v1/queues/{queue}/messages/{message_id}")).status_code == 200
+        events = await listener.wait_for(2)
+    assert [e.event for e in events] == ["message.created", "message.deleted"]
+    assert json.loads(events[1].data)["deleted_at"] is not None
+
+
+async def test_cursor_above_head_is_reset(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+    queue = await create_queue(client)
+    async with Listener(stream_url(sqlite_server, queue), params={"last_event_id": 99}) as listener:
+        [reset] = await listener.wait_for(1)
+        assert reset.event == "stream.reset"
+        assert json.loads(reset.data) == {"reason": "cursor_ahead", "oldest_seq": 1}
+        await publish_many(client, queue, ["after reset"])
+        events = await listener.wait_for(2)
+    assert events[1].id == "2"
+
+
+async def test_cursor_older_than_retention_is_reset(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+    queue = await create_queue(client)
+    await publish_many(client, queue, list(range(5)))
+    with sqlite3.connect(sqlite_server.data_dir / "pombo.sqlite3") as db:  # what retention would do
+        db.execute("DELETE FROM events WHERE log = ? AND seq <= 3", (f"queue:{queue}",))
+    async with Listener(stream_url(sqlite_server, queue), params={"last_event_id": 1}) as listener:
+        events = await listener.wait_for(4)
+    assert events[0].event == "stream.reset"
+    assert json.loads(events[0].data) == {"reason": "cursor_expired", "oldest_seq": 4}
+    assert [e.id for e in events[1:]] == ["4", "5", "6"]
+
+
+async def test_closed_client_is_released_at_once(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+    queue = await create_queue(client)
+    async with Listener(stream_url(sqlite_server, queue)):
+        assert (await client.get("/healthz")).json()["streams"] >= 1
+        before = (await client.get("/healthz")).json()["streams"]
+    deadline = time.monotonic() + 1
+    while (await client.get("/healthz")).json()["streams"] >= before:
+        assert time.monotonic() < deadline, "the closed stream is still subscribed"
+        await asyncio.sleep(0.02)
+
+
+async def test_stream_needs_a_token_and_the_subscribe_scope(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+    queue = await create_queue(client)
+    url = f"/api/v1/queues/{queue}/stream"
+    assert (await client.get(url, headers={"Authorization": ""})).status_code == 401
+    denied = await client.get(url, headers=auth(mint("bob", f"publish:{queue}")))
+    assert denied.status_code == 403
+    assert denied.json()["error"]["code"] == "forbidden"
+
+
+async def test_stream_ends_when_its_token_expires(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+    queue = await create_queue(client)
+    token = mint("short", f"subscribe:{queue}", ttl=2)
+    started = time.monotonic()
+    async with Listener(stream_url(sqlite_server, queue), params={"access_token": token}, headers={}) as listener:
+        events = await listener.wait_for(1, timeout=10, event="stream.expired")
+        assert events and listener.finished or await _finishes(listener)
+    assert 0.5 < time.monotonic() - started < 5
+
+
+async def _finishes(listener: Listener) -> bool:
+    for _ in range(50):
+        if listener.finished:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_small_buffer_and_short_lifetime_lose_nothing(make_server: Any) -> None:
+    server = make_server(subscriber_buffer="5", stream_lifetime_seconds="1").start()
+    async with server.client() as http:
+        queue = await create_queue(http)
+        seen: list[int] = []
+        cursor = "0"
+        items = [{"body": n} for n in range(300)]
+        publishing = asyncio.create_task(http.post(f"/api/v1/queues/{queue}/messages/batch", json={"items": items}))
+        deadline = time.monotonic() + 20
+        while len(seen) < 301 and time.monotonic() < deadline:
+            # Each stream lives one second; the client resumes from its last id, like EventSource.
+            async with Listener(stream_url(server, queue), headers={**ADMIN, "Last-Event-ID": cursor}) as listener:
+                await listener.wait_for(10_000, timeout=3)
+            seen += [int(e.id) for e in listener.logged()]
+            cursor = str(seen[-1]) if seen else cursor
+        assert (await publishing).status_code == 201
+    assert seen == list(range(1, 302))
