@@ -96,8 +96,8 @@ class Message(Model):
         table = "messages"
         unique_together = (("queue", "idempotency_key"),)
         indexes = (
-            Index(fields=("queue", "status", "priority", "available_at")),
-            Index(fields=("queue", "created_at")),
+            Index(fields=("queue_id", "status", "priority", "available_at")),
+            Index(fields=("queue_id", "created_at")),
         )
 
 

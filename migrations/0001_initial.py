@@ -73,7 +73,7 @@ class Migration(migrations.Migration):
                 ('updated_at', fields.DatetimeField(auto_now=False, auto_now_add=False)),
                 ('finished_at', fields.DatetimeField(null=True, auto_now=False, auto_now_add=False)),
             ],
-            options={'table': 'messages', 'app': 'pombo', 'unique_together': (('queue', 'idempotency_key'),), 'indexes': [Index(fields=['queue', 'status', 'priority', 'available_at']), Index(fields=['queue', 'created_at'])], 'pk_attr': 'id'},
+            options={'table': 'messages', 'app': 'pombo', 'unique_together': (('queue', 'idempotency_key'),), 'indexes': [Index(fields=['queue_id', 'status', 'priority', 'available_at']), Index(fields=['queue_id', 'created_at'])], 'pk_attr': 'id'},
             bases=['Model'],
         ),
         ops.CreateModel(

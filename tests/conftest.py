@@ -133,8 +133,10 @@ class Server:
 def make_server(tmp_path: Path) -> Iterator[Any]:
     servers: list[Server] = []
 
-    def make(data_dir: Path | None = None, **env: str) -> Server:
-        server = Server(data_dir or tmp_path / f"srv{len(servers)}", {k.upper(): v for k, v in env.items()})
+    def make(data_dir: Path | None = None, **settings: str) -> Server:
+        """`make(database_url=…)` sets POMBO_DATABASE_URL; an empty value unsets the variable."""
+        env = {k.upper() if k.upper().startswith("POMBO_") else f"POMBO_{k.upper()}": v for k, v in settings.items()}
+        server = Server(data_dir or tmp_path / f"srv{len(servers)}", env)
         servers.append(server)
         return server
 
