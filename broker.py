@@ -20,6 +20,9 @@ from redis.exceptions import RedisError
 
 from schemas import Update
 
+# Batches waiting for Redis; past this, Redis is too far behind and replicas re-read instead.
+OUTBOX_LIMIT = 10_000
+
 
 class Subscriber:
     """One stream's inbox: a bounded buffer and a flag to re-read the database."""
@@ -121,7 +124,9 @@ class RedisBroker(LocalFanout):
     """Replicas: one Redis pub/sub connection per process, fanned out in memory.
 
     Local subscribers are served directly, so this process never depends on Redis to see its
-    own commits; batches from other processes arrive on one channel.
+    own commits; batches from other processes arrive on one channel. Publishing to Redis happens
+    in a task of its own, so a slow or absent Redis never holds up a commit. When a publish fails,
+    the next one that succeeds is preceded by a resync notice: other replicas re-read the database.
     """
 
     def __init__(self, url: str, prefix: str) -> None:
@@ -129,26 +134,40 @@ class RedisBroker(LocalFanout):
         self._redis = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
         self._channel = redis_names(prefix)["events"]
         self._origin = os.urandom(8).hex()
-        self._listener: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._outbox: asyncio.Queue[str] = asyncio.Queue(maxsize=OUTBOX_LIMIT)
+        self._lost_some = False
         self.connected = asyncio.Event()
 
     async def start(self) -> None:
-        self._listener = asyncio.create_task(self._listen(), name="redis-broker")
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="redis-listener"),
+            asyncio.create_task(self._send(), name="redis-sender"),
+        ]
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+        await _cancel(self._tasks)
         await self._redis.aclose()
 
     async def publish(self, updates: Sequence[Update]) -> None:
         self.deliver(updates)
-        payload = json.dumps({"o": self._origin, "u": [_pack(u) for u in updates]})
         try:
-            await self._redis.publish(self._channel, payload)
-        except (RedisError, OSError) as error:
-            # Committed is committed: other replicas catch up from the database on reconnect.
-            logger.warning("redis publish failed ({}); replicas will catch up", error)
+            self._outbox.put_nowait(json.dumps({"o": self._origin, "u": [_pack(u) for u in updates]}))
+        except asyncio.QueueFull:
+            self._lost_some = True
+
+    async def _send(self) -> None:
+        while True:
+            payload = await self._outbox.get()
+            try:
+                if self._lost_some:
+                    await self._redis.publish(self._channel, json.dumps({"o": self._origin, "resync": True}))
+                    self._lost_some = False
+                await self._redis.publish(self._channel, payload)
+            except (RedisError, OSError) as error:
+                # Committed is committed: the other replicas re-read the database once we are back.
+                self._lost_some = True
+                logger.warning("redis publish failed ({}); replicas will catch up", error)
 
     async def ready(self) -> bool:
         try:
@@ -188,8 +207,21 @@ class RedisBroker(LocalFanout):
 
     def _on_message(self, raw: bytes) -> None:
         batch = json.loads(raw)
-        if batch["o"] != self._origin:
+        if batch["o"] == self._origin:
+            return
+        if batch.get("resync"):
+            self.catch_up_all()
+        else:
             self.deliver([_unpack(item) for item in batch["u"]])
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel until done: redis-py can swallow a cancellation that lands inside a command."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
 
 
 def _pack(update: Update) -> list[object]:

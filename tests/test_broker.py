@@ -1,0 +1,127 @@
+"""Brokers: one contract, two implementations; replicas on PostgreSQL + Redis; Redis outages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from broker import Broker, MemoryBroker, RedisBroker
+from conftest import Listener, RedisProcess, Server, unique
+from schemas import Update
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+    if request.param == "memory":
+        instance: Broker = MemoryBroker()
+    else:
+        instance = RedisBroker(request.getfixturevalue("redis_url"), f"test-{secrets.token_hex(4)}")
+    await instance.start()
+    if isinstance(instance, RedisBroker):
+        await asyncio.wait_for(instance.connected.wait(), 5)
+    yield instance
+    await instance.close()
+
+
+def update(log: str, seq: int) -> Update:
+    return Update(log, seq, "message.created", json.dumps({"n": seq}), "2026-01-01T00:00:00Z")
+
+
+async def test_a_subscriber_gets_its_logs_in_order_and_nothing_else(broker: Broker) -> None:
+    subscriber = broker.subscribe(["queue:a"], capacity=10)
+    await broker.publish([update("queue:a", 1), update("queue:b", 1), update("queue:a", 2)])
+    await asyncio.wait_for(subscriber.wakeup.wait(), 1)
+    assert [u.seq for u in subscriber.inbox] == [1, 2]
+    assert broker.subscriber_count == 1
+    broker.unsubscribe(subscriber)
+    assert broker.subscriber_count == 0
+
+
+async def test_an_overflowing_subscriber_is_told_to_catch_up(broker: Broker) -> None:
+    subscriber = broker.subscribe(["queue:a"], capacity=3)
+    await broker.publish([update("queue:a", seq) for seq in range(1, 6)])
+    assert subscriber.must_catch_up
+    assert len(subscriber.inbox) <= 3
+    broker.unsubscribe(subscriber)
+
+
+async def test_redis_carries_batches_between_processes(redis_url: str) -> None:
+    prefix = f"test-{secrets.token_hex(4)}"
+    sender, receiver = RedisBroker(redis_url, prefix), RedisBroker(redis_url, prefix)
+    for instance in (sender, receiver):
+        await instance.start()
+        await asyncio.wait_for(instance.connected.wait(), 5)
+    try:
+        subscriber = receiver.subscribe(["queue:x"], capacity=10)
+        await sender.publish([update("queue:x", 1), update("queue:x", 2)])
+        await asyncio.wait_for(subscriber.wakeup.wait(), 2)
+        await asyncio.sleep(0.05)
+        assert [u.seq for u in subscriber.inbox] == [1, 2]
+    finally:
+        await sender.close()
+        await receiver.close()
+
+
+async def replicas(make_server: Any, pg_url: str, redis_url: str) -> tuple[Server, Server]:
+    prefix = f"test-{secrets.token_hex(4)}"
+    first = make_server(database_url=pg_url, redis_url=redis_url, redis_prefix=prefix).start()
+    second = make_server(database_url=pg_url, redis_url=redis_url, redis_prefix=prefix).start()
+    return first, second
+
+
+async def test_publish_on_one_replica_reaches_a_stream_on_the_other_within_100ms(
+    make_server: Any, pg_url: str, redis_url: str
+) -> None:
+    publisher, streamer = await replicas(make_server, pg_url, redis_url)
+    async with publisher.client() as http:
+        queue = unique()
+        assert (await http.post("/api/v1/queues", json={"name": queue})).status_code == 201
+        async with Listener(f"{streamer.url}/api/v1/queues/{queue}/stream") as listener:
+            await asyncio.sleep(0.1)  # the other replica's subscription is ready
+            lags = []
+            for n in range(5):
+                sent = time.monotonic()
+                response = await http.post(f"/api/v1/queues/{queue}/messages", json={"body": n})
+                assert response.status_code == 201
+                await listener.wait_for(n + 1, timeout=5)
+                lags.append(listener.events[-1][0] - sent)
+    assert [json.loads(e.data)["body"] for e in listener.logged()] == list(range(5))
+    assert max(lags) < 0.1, lags
+
+
+async def test_a_redis_outage_loses_nothing_and_doubles_nothing(
+    make_server: Any, pg_url: str, own_redis: RedisProcess
+) -> None:
+    publisher, streamer = await replicas(make_server, pg_url, own_redis.url)
+    async with publisher.client() as http:
+        queue = unique()
+        assert (await http.post("/api/v1/queues", json={"name": queue})).status_code == 201
+        params = {"last_event_id": 0}
+        async with Listener(f"{streamer.url}/api/v1/queues/{queue}/stream", params=params) as listener:
+            await publish_range(http, queue, range(0, 20))
+            await listener.wait_for(21)
+            own_redis.stop()
+            await publish_range(http, queue, range(20, 60))  # Redis is down: publishes still succeed
+            await asyncio.sleep(2)
+            own_redis.start()
+            await listener.wait_for(61, timeout=15)
+            await publish_range(http, queue, range(60, 80))
+            await listener.wait_for(81, timeout=10)
+            await asyncio.sleep(0.3)
+        events = listener.logged()
+    assert [int(e.id) for e in events] == list(range(1, 82))
+    bodies = [json.loads(e.data)["body"] for e in events if e.event == "message.created"]
+    assert bodies == list(range(80))
+
+
+async def publish_range(http: httpx.AsyncClient, queue: str, numbers: range) -> None:
+    for n in numbers:
+        response = await http.post(f"/api/v1/queues/{queue}/messages", json={"body": n})
+        assert response.status_code == 201, response.text
