@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import AwareDatetime, BaseModel, ValidationError
 
 from deps import CurrentPrincipal, HubDep, QueueName, SettingsDep, WindowDep
 from errors import bad_request, field_errors, too_large, validation_error
@@ -101,8 +100,8 @@ async def list_messages(
     status: MessageStatus | None = None,
     type: Annotated[str | None, Query(max_length=64)] = None,
     priority: PriorityName | None = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
+    created_after: AwareDatetime | None = None,
+    created_before: AwareDatetime | None = None,
 ) -> Page[MessageOut]:
     principal.require("subscribe", queue)
     where = MessageFilter(

@@ -76,6 +76,8 @@ async def _api_error(_: Request, error: Exception) -> JSONResponse:
 
 async def _invalid_request(_: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
+    if any(e.get("type") == "json_invalid" for e in error.errors()):
+        return envelope(bad_request("malformed_json", "the body is not valid JSON"))
     return envelope(validation_error(field_errors(error.errors())))
 
 

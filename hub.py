@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tortoise.functions import Count
@@ -106,7 +106,7 @@ class Hub:
         self, principal: Principal, include_deleted: bool, window: Window
     ) -> tuple[list[QueueOut], int]:
         query = Queue.all() if include_deleted else Queue.filter(deleted_at__isnull=True)
-        visible = [q for q in await query.order_by("name") if _may_see(principal, q.name)]
+        visible = [q for q in await query.order_by("name") if _may_see(principal, q)]
         page = visible[window.offset : window.offset + window.limit]
         counts = await _status_counts([q.id for q in page])
         return [QueueOut.of(q, counts.get(q.id)) for q in page], len(visible)
@@ -231,8 +231,11 @@ async def _status_counts(queue_ids: list[int], tx: Tx | None = None) -> dict[int
     return counts
 
 
-def _may_see(principal: Principal, name: str) -> bool:
-    return principal.can("subscribe", name) or principal.can("manage", name)
+def _may_see(principal: Principal, queue: Queue) -> bool:
+    """Deleted queues are shown to their managers only."""
+    if queue.deleted_at is not None:
+        return principal.can("manage", queue.name)
+    return principal.can("subscribe", queue.name) or principal.can("manage", queue.name)
 
 
 def _reject_repeated_keys(drafts: Sequence[Draft]) -> None:
@@ -303,8 +306,9 @@ def _filtered(query: QuerySet[Message], where: MessageFilter) -> QuerySet[Messag
         "status": where.status,
         "type": where.type,
         "priority": where.priority,
-        "created_at__gte": where.created_after,
-        "created_at__lt": where.created_before,
+        # SQLite compares stored times as text: bring every bound to UTC first.
+        "created_at__gte": where.created_after and where.created_after.astimezone(UTC),
+        "created_at__lt": where.created_before and where.created_before.astimezone(UTC),
     }
     given = {key: value for key, value in conditions.items() if value is not None}
     return query.filter(**given) if given else query

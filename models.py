@@ -61,8 +61,9 @@ class Queue(Model):
     backoff_max = fields.FloatField(default=300.0)
     # Zero keeps messages forever.
     retention_seconds = fields.IntField(default=14 * 24 * 3600)
-    created_at = fields.DatetimeField(auto_now_add=True)
-    updated_at = fields.DatetimeField(auto_now=True)
+    # Set by the hub to its transaction's time, so they match the event that tells of them.
+    created_at = fields.DatetimeField()
+    updated_at = fields.DatetimeField()
     deleted_at = fields.DatetimeField(null=True)
 
     class Meta:

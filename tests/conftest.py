@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -93,7 +94,11 @@ class Server:
         env = {k: v for k, v in env.items() if v != ""}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, str(ROOT / "main.py"), "serve"], cwd=self.data_dir, env=env, stdout=log, stderr=log
+                [sys.executable, str(ROOT / "main.py"), "serve"],
+                cwd=self.data_dir,
+                env=env,
+                stdout=log,
+                stderr=log,
             )
         if wait:
             self.wait_ready()
@@ -126,7 +131,9 @@ class Server:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def client(self, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, headers=headers if headers is not None else ADMIN, timeout=30)
+        return httpx.AsyncClient(
+            base_url=self.url, headers=headers if headers is not None else ADMIN, timeout=30
+        )
 
 
 @pytest.fixture
@@ -135,7 +142,10 @@ def make_server(tmp_path: Path) -> Iterator[Any]:
 
     def make(data_dir: Path | None = None, **settings: str) -> Server:
         """`make(database_url=…)` sets POMBO_DATABASE_URL; an empty value unsets the variable."""
-        env = {k.upper() if k.upper().startswith("POMBO_") else f"POMBO_{k.upper()}": v for k, v in settings.items()}
+        env = {
+            k.upper() if k.upper().startswith("POMBO_") else f"POMBO_{k.upper()}": v
+            for k, v in settings.items()
+        }
         server = Server(data_dir or tmp_path / f"srv{len(servers)}", env)
         servers.append(server)
         return server
@@ -179,9 +189,7 @@ async def pg_url() -> AsyncIterator[str]:
     try:
         yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     finally:
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
-        )
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
         await admin.close()
 
@@ -206,7 +214,17 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
         self.process = subprocess.Popen(args, cwd=self.directory, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -266,14 +284,16 @@ class Listener:
             self._task.result()
 
     async def _run(self) -> None:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as http:
-            async with aconnect_sse(http, "GET", self.url, headers=self.headers, params=self.params) as source:
-                self.response = source.response
-                self.connected.set()
-                async for event in source.aiter_sse():
-                    if event.data:  # pings carry no data
-                        self.events.append((time.monotonic(), event))
-                        self._changed.set()
+        async with (
+            httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as http,
+            aconnect_sse(http, "GET", self.url, headers=self.headers, params=self.params) as source,
+        ):
+            self.response = source.response
+            self.connected.set()
+            async for event in source.aiter_sse():
+                if event.data:  # pings carry no data
+                    self.events.append((time.monotonic(), event))
+                    self._changed.set()
 
     @property
     def finished(self) -> bool:
@@ -283,7 +303,9 @@ class Listener:
         """Events that belong to the log (they carry an `id:`)."""
         return [e for _, e in self.events if e.event not in CONTROL_EVENTS]
 
-    async def wait_for(self, count: int, timeout: float = 10, event: str | None = None) -> list[ServerSentEvent]:
+    async def wait_for(
+        self, count: int, timeout: float = 10, event: str | None = None
+    ) -> list[ServerSentEvent]:
         deadline = time.monotonic() + timeout
         while True:
             matching = [e for _, e in self.events if event is None or e.event == event]
@@ -293,10 +315,8 @@ class Listener:
             if remaining <= 0:
                 return matching
             self._changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                pass
 
 
 CONTROL_EVENTS = {"stream.reset", "stream.expired", "unread_count"}

@@ -75,9 +75,6 @@ async def test_create_answers_201_with_defaults_and_owner(sqlite_server: Server)
     assert got.json() == queue
 
 
-@pytest.mark.xfail(
-    strict=True, reason="Queue.updated_at is auto_now: the model overwrites the tx.now the hub sets"
-)
 async def test_new_queue_was_updated_when_created(client: httpx.AsyncClient) -> None:
     queue = await create_queue(client)
     assert queue["updated_at"] == queue["created_at"]
@@ -164,9 +161,6 @@ async def test_invalid_create_is_422_and_changes_nothing(
     assert sqlite_snapshot(sqlite_server) == before
 
 
-@pytest.mark.xfail(
-    strict=True, reason="queue routes answer 422 validation_error for malformed JSON, not 400 malformed_json"
-)
 @pytest.mark.parametrize("method", ["POST", "PATCH"])
 async def test_malformed_json_is_400_and_changes_nothing(
     sqlite_server: Server, client: httpx.AsyncClient, method: str
@@ -397,9 +391,6 @@ async def test_include_deleted_needs_manage(sqlite_server: Server, client: httpx
         assert_error(await reader.get(f"/api/v1/queues/{name}"), 404, "queue_not_found")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="GET /api/v1/queues?include_deleted=true lists deleted queues without manage"
-)
 async def test_listing_deleted_queues_needs_manage(sqlite_server: Server, client: httpx.AsyncClient) -> None:
     name = (await create_queue(client))["name"]
     assert (await client.delete(f"/api/v1/queues/{name}")).status_code == 200

@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import Listener, RedisProcess, Server, unique
 
 from broker import Broker, MemoryBroker, RedisBroker
-from conftest import Listener, RedisProcess, Server, unique
 from schemas import Update
 
 

@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 import httpx
-
 from conftest import ADMIN, Listener, Server, auth, mint, unique
 
 
@@ -30,7 +29,9 @@ async def publish_many(http: httpx.AsyncClient, queue: str, bodies: list[Any]) -
         assert response.status_code == 201, response.text
 
 
-async def test_subscriber_sees_a_publish_within_100ms(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+async def test_subscriber_sees_a_publish_within_100ms(
+    sqlite_server: Server, client: httpx.AsyncClient
+) -> None:
     queue = await create_queue(client)
     async with Listener(stream_url(sqlite_server, queue)) as listener:
         lags = []
@@ -63,7 +64,9 @@ async def resume_after_gap(server: Server, http: httpx.AsyncClient, use_header: 
         assert created.event == "queue.created"
     cursor = created.id
     await publish_many(http, queue, [{"n": n} for n in range(100)])
-    headers, params = ({**ADMIN, "Last-Event-ID": cursor}, None) if use_header else (ADMIN, {"last_event_id": cursor})
+    headers, params = (
+        ({**ADMIN, "Last-Event-ID": cursor}, None) if use_header else (ADMIN, {"last_event_id": cursor})
+    )
     async with Listener(stream_url(server, queue), headers=headers, params=params) as listener:
         events = await listener.wait_for(100)
         await asyncio.sleep(0.2)  # anything extra would arrive now
@@ -84,7 +87,9 @@ async def test_header_cursor_wins_over_query(sqlite_server: Server, client: http
     queue = await create_queue(client)
     await publish_many(client, queue, [1, 2, 3])
     headers = {**ADMIN, "Last-Event-ID": "3"}
-    async with Listener(stream_url(sqlite_server, queue), headers=headers, params={"last_event_id": 0}) as listener:
+    async with Listener(
+        stream_url(sqlite_server, queue), headers=headers, params={"last_event_id": 0}
+    ) as listener:
         events = await listener.wait_for(1)
     assert [e.id for e in events] == ["4"]
 
@@ -165,7 +170,9 @@ async def test_closed_client_is_released_at_once(sqlite_server: Server, client: 
         await asyncio.sleep(0.02)
 
 
-async def test_stream_needs_a_token_and_the_subscribe_scope(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+async def test_stream_needs_a_token_and_the_subscribe_scope(
+    sqlite_server: Server, client: httpx.AsyncClient
+) -> None:
     queue = await create_queue(client)
     url = f"/api/v1/queues/{queue}/stream"
     assert (await client.get(url, headers={"Authorization": ""})).status_code == 401
@@ -178,9 +185,11 @@ async def test_stream_ends_when_its_token_expires(sqlite_server: Server, client:
     queue = await create_queue(client)
     token = mint("short", f"subscribe:{queue}", ttl=2)
     started = time.monotonic()
-    async with Listener(stream_url(sqlite_server, queue), params={"access_token": token}, headers={}) as listener:
+    async with Listener(
+        stream_url(sqlite_server, queue), params={"access_token": token}, headers={}
+    ) as listener:
         events = await listener.wait_for(1, timeout=10, event="stream.expired")
-        assert events and listener.finished or await _finishes(listener)
+        assert (events and listener.finished) or await _finishes(listener)
     assert 0.5 < time.monotonic() - started < 5
 
 
@@ -199,11 +208,15 @@ async def test_small_buffer_and_short_lifetime_lose_nothing(make_server: Any) ->
         seen: list[int] = []
         cursor = "0"
         items = [{"body": n} for n in range(300)]
-        publishing = asyncio.create_task(http.post(f"/api/v1/queues/{queue}/messages/batch", json={"items": items}))
+        publishing = asyncio.create_task(
+            http.post(f"/api/v1/queues/{queue}/messages/batch", json={"items": items})
+        )
         deadline = time.monotonic() + 20
         while len(seen) < 301 and time.monotonic() < deadline:
             # Each stream lives one second; the client resumes from its last id, like EventSource.
-            async with Listener(stream_url(server, queue), headers={**ADMIN, "Last-Event-ID": cursor}) as listener:
+            async with Listener(
+                stream_url(server, queue), headers={**ADMIN, "Last-Event-ID": cursor}
+            ) as listener:
                 await listener.wait_for(10_000, timeout=3)
             seen += [int(e.id) for e in listener.logged()]
             cursor = str(seen[-1]) if seen else cursor
