@@ -88,9 +88,14 @@ async def _http_error(_: Request, error: Exception) -> JSONResponse:
     return envelope(ApiError(error.status_code, code, str(error.detail)))
 
 
+def internal_error() -> JSONResponse:
+    """What a 500 says: nothing about the internals."""
+    return envelope(ApiError(500, "internal_error", "internal error"))
+
+
 async def _unexpected(_: Request, error: Exception) -> JSONResponse:
     logger.opt(exception=error).error("unhandled error")
-    return envelope(ApiError(500, "internal_error", "internal error"))
+    return internal_error()
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -12,6 +12,8 @@ from loguru import logger
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from errors import internal_error
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -50,21 +52,26 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         request_id = _request_id(scope)
-        status = [500]
-        started = time.perf_counter()
+        status: list[int] = []
+        began = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status.append(message["status"])
                 MutableHeaders(scope=message)["X-Request-ID"] = request_id
             await send(message)
 
         with logger.contextualize(request_id=request_id):
             try:
                 await self.app(scope, receive, send_with_id)
+            except Exception as error:  # noqa: BLE001 - answered here, so a 500 carries the id too
+                logger.opt(exception=error).error("unhandled error")
+                if not status:
+                    await internal_error()(scope, receive, send_with_id)
             finally:
-                elapsed = (time.perf_counter() - started) * 1000
-                logger.info("{} {} {} {:.1f}ms", scope["method"], scope["path"], status[0], elapsed)
+                elapsed = (time.perf_counter() - began) * 1000
+                answered = status[0] if status else 500
+                logger.info("{} {} {} {:.1f}ms", scope["method"], scope["path"], answered, elapsed)
 
 
 def _request_id(scope: Scope) -> str:

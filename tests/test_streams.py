@@ -222,3 +222,29 @@ async def test_small_buffer_and_short_lifetime_lose_nothing(make_server: Any) ->
             cursor = str(seen[-1]) if seen else cursor
         assert (await publishing).status_code == 201
     assert seen == list(range(1, 302))
+
+
+async def test_heartbeats_keep_an_idle_stream_alive(make_server: Any) -> None:
+    server = make_server(heartbeat_seconds="0.3").start()
+    async with server.client() as http:
+        queue = await create_queue(http)
+        comments = 0
+        started = time.monotonic()
+        async with http.stream("GET", f"/api/v1/queues/{queue}/stream") as response:
+            async for line in response.aiter_lines():
+                comments += line.startswith(":")
+                if comments == 2:
+                    break
+    assert 0.5 < time.monotonic() - started < 3
+
+
+async def test_shutdown_ends_open_streams_and_the_process(make_server: Any) -> None:
+    server = make_server().start()
+    async with server.client() as http:
+        queue = await create_queue(http)
+        async with Listener(stream_url(server, queue), params={"last_event_id": 0}) as listener:
+            await listener.wait_for(1)
+            started = time.monotonic()
+            assert await asyncio.to_thread(server.stop) is not None
+            assert time.monotonic() - started < 8
+            assert await _finishes(listener)
