@@ -13,8 +13,9 @@ from tortoise.migrations.api import migrate
 
 from settings import Settings, SettingsError, tortoise_config
 
-# Any constant shared by all replicas: it names Pombo's migration lock in PostgreSQL.
+# Constants shared by all replicas: they name Pombo's advisory locks in PostgreSQL.
 MIGRATION_LOCK = 0x706F6D626F
+REPLICA_LOCK = 0x706F6D6270
 
 
 @contextmanager
@@ -47,6 +48,29 @@ async def apply_migrations(settings: Settings) -> None:
             await migrate(config=tortoise_config(settings))
         finally:
             await Tortoise.close_connections()
+
+
+@asynccontextmanager
+async def replicas_share_a_broker(settings: Settings) -> AsyncIterator[None]:
+    """On PostgreSQL, a process with the in-process broker must be the only one.
+
+    Replicas with Redis hold a shared lock, one without Redis an exclusive one, so mixing them,
+    or starting two without Redis, is refused instead of silently splitting the streams.
+    """
+    if settings.is_sqlite:
+        yield
+        return
+    connection = await asyncpg.connect(settings.database.split("?")[0])
+    try:
+        kind = "pg_try_advisory_lock_shared" if settings.redis_url else "pg_try_advisory_lock"
+        if not await connection.fetchval(f"SELECT {kind}($1)", REPLICA_LOCK):
+            raise SettingsError(
+                "another Pombo process uses this PostgreSQL database without Redis: "
+                "set POMBO_REDIS_URL on every replica"
+            )
+        yield
+    finally:
+        await connection.close()
 
 
 @asynccontextmanager

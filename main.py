@@ -34,7 +34,7 @@ from auth import (
     write_private,
 )
 from broker import create_broker
-from database import apply_migrations, single_process
+from database import apply_migrations, replicas_share_a_broker, single_process
 from errors import install_error_handlers
 from hub import Hub
 from observability import RequestContext, configure_logging
@@ -61,7 +61,14 @@ def create_app(settings: Settings) -> FastAPI:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    await apply_migrations(settings)
+    async with replicas_share_a_broker(settings):
+        await apply_migrations(settings)
+        async with _running_app(app, settings):
+            yield
+
+
+@asynccontextmanager
+async def _running_app(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     secret, generated = load_secret(settings)
     app.state.tokens = TokenCodec(secret, settings.jwt_algorithm)
     async with RegisterTortoise(app, config=tortoise_config(settings)):

@@ -125,3 +125,14 @@ async def publish_range(http: httpx.AsyncClient, queue: str, numbers: range) -> 
     for n in numbers:
         response = await http.post(f"/api/v1/queues/{queue}/messages", json={"body": n})
         assert response.status_code == 201, response.text
+
+
+async def test_a_second_process_without_redis_on_one_postgres_is_refused(
+    make_server: Any, pg_url: str
+) -> None:
+    first = make_server(database_url=pg_url).start()
+    second = make_server(database_url=pg_url)
+    with pytest.raises(RuntimeError, match="set POMBO_REDIS_URL on every replica"):
+        second.start()
+    async with first.client() as http:
+        assert (await http.get("/readyz")).status_code == 200
