@@ -14,8 +14,10 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -162,9 +164,27 @@ def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server.stop()
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A module's server, once on the embedded default and once on PostgreSQL + Redis."""
+    data_dir = tmp_path_factory.mktemp(request.param)
+    if request.param == "sqlite":
+        server = Server(data_dir).start()
+        yield server
+        server.stop()
+        return
+    need_service("PostgreSQL", 5432)
+    need_service("Redis", 6379)
+    with postgres_database() as url:
+        env = {"POMBO_DATABASE_URL": url, "POMBO_REDIS_URL": REDIS_URL, "POMBO_REDIS_PREFIX": unique("test")}
+        server = Server(data_dir, env).start()
+        yield server
+        server.stop()
+
+
 @pytest.fixture
-async def client(sqlite_server: Server) -> AsyncIterator[httpx.AsyncClient]:
-    async with sqlite_server.client() as http:
+async def client(server: Server) -> AsyncIterator[httpx.AsyncClient]:
+    async with server.client() as http:
         yield http
 
 
@@ -172,26 +192,68 @@ def unique(prefix: str = "q") -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 
 
+TABLES = ("queues", "messages", "events", "event_logs")
+
+
+async def sql(server: Server, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Run SQL (with `?` placeholders) straight against a server's database."""
+    url = server.env.get("POMBO_DATABASE_URL")
+    if url is None:
+        with sqlite3.connect(server.data_dir / "pombo.sqlite3") as db:
+            return db.execute(query, args).fetchall()
+    parts = query.split("?")
+    numbered = parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], start=1))
+    connection = await asyncpg.connect(url)
+    try:
+        return [tuple(row) for row in await connection.fetch(numbered, *args)]
+    finally:
+        await connection.close()
+
+
+async def snapshot(server: Server) -> dict[str, Any]:
+    """Every row of every table, to prove a rejected request changed nothing."""
+    return {table: await sql(server, f"SELECT * FROM {table} ORDER BY 1") for table in TABLES}
+
+
 def sqlite_snapshot(server: Server) -> dict[str, Any]:
-    """Every table's rows, read straight from the server's SQLite file."""
     with sqlite3.connect(server.data_dir / "pombo.sqlite3") as db:
-        tables = ["queues", "messages", "events", "event_logs"]
-        return {t: db.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables}
+        return {t: db.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in TABLES}
 
 
-@pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    """A fresh PostgreSQL database for one test, dropped afterwards."""
-    need_service("PostgreSQL", 5432)
-    name = f"pombo_test_{secrets.token_hex(4)}"
+async def _admin_sql(*statements: str) -> None:
     admin = await asyncpg.connect(PG_ADMIN_URL)
-    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        for statement in statements:
+            await admin.execute(statement)
+    finally:
+        await admin.close()
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database, dropped afterwards (usable from sync and async fixtures)."""
+    name = f"pombo_test_{secrets.token_hex(4)}"
+    run = partial(_in_thread, _admin_sql)
+    run(f'CREATE DATABASE "{name}"')
     try:
         yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     finally:
-        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        await admin.close()
+        kill = f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+        run(kill, f'DROP DATABASE IF EXISTS "{name}"')
+
+
+def _in_thread(function: Any, *args: Any) -> None:
+    """asyncio.run in a thread of its own, so it never meets the tests' event loop."""
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, function(*args)).result()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    need_service("PostgreSQL", 5432)
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture

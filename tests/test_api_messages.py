@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Server, auth, mint, sqlite_snapshot, unique
+from conftest import Server, auth, mint, snapshot, unique
 
 MAX_BODY = 256 * 1024
 FORM = "application/x-www-form-urlencoded"  # what `curl -d` sends
@@ -206,12 +206,10 @@ async def test_text_headers_apply(client: httpx.AsyncClient, delay: str, seconds
     assert when(message["available_at"]) - when(message["created_at"]) == timedelta(seconds=seconds)
 
 
-async def test_publish_auto_creates_queue_for_a_manager(
-    sqlite_server: Server, client: httpx.AsyncClient
-) -> None:
+async def test_publish_auto_creates_queue_for_a_manager(server: Server, client: httpx.AsyncClient) -> None:
     queue = unique("auto")
     token = auth(mint("alice", "publish:auto-* manage:auto-*"))
-    async with sqlite_server.client(token) as alice:
+    async with server.client(token) as alice:
         response = await alice.post(messages_url(queue), json={"body": {"first": True}})
         assert response.status_code == 201, response.text
         assert response.json()["queue"] == queue
@@ -223,17 +221,17 @@ async def test_publish_auto_creates_queue_for_a_manager(
 
 
 async def test_publish_to_missing_queue_without_manage_is_404(
-    sqlite_server: Server, client: httpx.AsyncClient
+    server: Server, client: httpx.AsyncClient
 ) -> None:
     queue = unique("auto")
-    before = sqlite_snapshot(sqlite_server)
-    async with sqlite_server.client(auth(mint("bob", "publish:*"))) as bob:
+    before = await snapshot(server)
+    async with server.client(auth(mint("bob", "publish:*"))) as bob:
         response = await bob.post(messages_url(queue), json={"body": 1})
         text = await bob.post(messages_url(queue), content="hi", headers={"Content-Type": "text/plain"})
         batch = await bob.post(messages_url(queue) + "/batch", json={"items": [{"body": 1}]})
     for answer in (response, text, batch):
         assert_error(answer, 404, "queue_not_found")
-    assert sqlite_snapshot(sqlite_server) == before
+    assert await snapshot(server) == before
     assert_error(await client.get(f"/api/v1/queues/{queue}"), 404, "queue_not_found")
 
 
@@ -241,19 +239,19 @@ async def test_publish_to_missing_queue_without_manage_is_404(
 
 
 async def test_idempotency_key_header_returns_first_message(
-    sqlite_server: Server, client: httpx.AsyncClient
+    server: Server, client: httpx.AsyncClient
 ) -> None:
     queue = await create_queue(client)
     headers = {"Idempotency-Key": "deploy-42"}
     first = await client.post(messages_url(queue), json={"body": {"v": 1}}, headers=headers)
     assert first.status_code == 201, first.text
-    before = sqlite_snapshot(sqlite_server)
+    before = await snapshot(server)
     again = await client.post(messages_url(queue), json={"body": {"v": 1}}, headers=headers)
     assert again.status_code == 200, again.text
     assert again.json()["id"] == first.json()["id"]
     assert again.json()["idempotency_key"] == "deploy-42"
     assert again.headers["location"] == first.headers["location"]
-    assert sqlite_snapshot(sqlite_server) == before
+    assert await snapshot(server) == before
     assert (await listed(client, queue))["total"] == 1
     assert await event_types(client, queue) == ["queue.created", "message.created"]
 
@@ -278,11 +276,11 @@ async def test_idempotency_key_on_a_text_body(client: httpx.AsyncClient) -> None
 
 
 async def test_idempotency_key_with_different_body_conflicts(
-    sqlite_server: Server, client: httpx.AsyncClient
+    server: Server, client: httpx.AsyncClient
 ) -> None:
     queue = await create_queue(client)
     first = await publish(client, queue, body={"v": 1}, idempotency_key="same")
-    before = sqlite_snapshot(sqlite_server)
+    before = await snapshot(server)
     header = await client.post(
         messages_url(queue), json={"body": {"v": 2}}, headers={"Idempotency-Key": "same"}
     )
@@ -290,7 +288,7 @@ async def test_idempotency_key_with_different_body_conflicts(
     assert error["details"].get("message_id") == first["id"]
     body = await client.post(messages_url(queue), json={"body": {"v": 2}, "idempotency_key": "same"})
     assert_error(body, 409, "idempotency_conflict")
-    assert sqlite_snapshot(sqlite_server) == before
+    assert await snapshot(server) == before
     page = await listed(client, queue)
     assert [m["body"] for m in page["items"]] == [{"v": 1}]
 
@@ -340,29 +338,27 @@ async def test_batch_of_1000_is_stored_in_order(client: httpx.AsyncClient) -> No
     assert events.json()["total"] == 1000
 
 
-async def test_batch_with_one_invalid_item_stores_nothing(
-    sqlite_server: Server, client: httpx.AsyncClient
-) -> None:
+async def test_batch_with_one_invalid_item_stores_nothing(server: Server, client: httpx.AsyncClient) -> None:
     queue = await create_queue(client)
     items: list[dict[str, Any]] = [{"body": n} for n in range(20)]
     items[7] = {"body": 7, "priority": "extreme"}
-    before = sqlite_snapshot(sqlite_server)
+    before = await snapshot(server)
     response = await client.post(messages_url(queue) + "/batch", json={"items": items})
     error = assert_error(response, 422, "validation_error")
     assert set(error["details"]["items"]) == {"7"}
     assert error["details"]["items"]["7"]
-    assert sqlite_snapshot(sqlite_server) == before
+    assert await snapshot(server) == before
     assert (await listed(client, queue))["total"] == 0
 
 
 async def test_batch_to_missing_queue_with_invalid_item_creates_nothing(
-    sqlite_server: Server, client: httpx.AsyncClient
+    server: Server, client: httpx.AsyncClient
 ) -> None:
-    before = sqlite_snapshot(sqlite_server)
+    before = await snapshot(server)
     items = [{"body": 1}, {"body": 2, "surprise": True}]
     response = await client.post(messages_url(unique()) + "/batch", json={"items": items})
     assert set(assert_error(response, 422, "validation_error")["details"]["items"]) == {"1"}
-    assert sqlite_snapshot(sqlite_server) == before
+    assert await snapshot(server) == before
 
 
 @pytest.mark.parametrize(
@@ -370,41 +366,39 @@ async def test_batch_to_missing_queue_with_invalid_item_creates_nothing(
     [{"items": [{"body": n} for n in range(1001)]}, {"items": []}, [{"body": 1}], {"items": [], "extra": 1}],
     ids=["1001-items", "empty", "bare-list", "extra-key"],
 )
-async def test_batch_shape_is_checked(sqlite_server: Server, client: httpx.AsyncClient, payload: Any) -> None:
+async def test_batch_shape_is_checked(server: Server, client: httpx.AsyncClient, payload: Any) -> None:
     queue = await create_queue(client)
-    before = sqlite_snapshot(sqlite_server)
+    before = await snapshot(server)
     response = await client.post(messages_url(queue) + "/batch", json=payload)
     assert_error(response, 422, "validation_error")
-    assert sqlite_snapshot(sqlite_server) == before
+    assert await snapshot(server) == before
 
 
 async def test_batch_items_carry_their_own_idempotency_keys(
-    sqlite_server: Server, client: httpx.AsyncClient
+    server: Server, client: httpx.AsyncClient
 ) -> None:
     queue = await create_queue(client)
     items = [{"body": "a", "idempotency_key": "a"}, {"body": "b", "idempotency_key": "b"}]
     first = await client.post(messages_url(queue) + "/batch", json={"items": items})
     assert first.status_code == 201, first.text
-    before = sqlite_snapshot(sqlite_server)
+    before = await snapshot(server)
     again = await client.post(messages_url(queue) + "/batch", json={"items": items})
     assert again.status_code == 200, again.text
     assert [m["id"] for m in again.json()["items"]] == [m["id"] for m in first.json()["items"]]
-    assert sqlite_snapshot(sqlite_server) == before
+    assert await snapshot(server) == before
     mixed = await client.post(messages_url(queue) + "/batch", json={"items": [items[0], {"body": "c"}]})
     assert mixed.status_code == 201, mixed.text
     assert mixed.json()["items"][0]["id"] == first.json()["items"][0]["id"]
     assert (await listed(client, queue))["total"] == 3
 
 
-async def test_batch_with_repeated_key_stores_nothing(
-    sqlite_server: Server, client: httpx.AsyncClient
-) -> None:
+async def test_batch_with_repeated_key_stores_nothing(server: Server, client: httpx.AsyncClient) -> None:
     queue = await create_queue(client)
     items = [{"body": 1, "idempotency_key": "k"}, {"body": 2}, {"body": 3, "idempotency_key": "k"}]
-    before = sqlite_snapshot(sqlite_server)
+    before = await snapshot(server)
     response = await client.post(messages_url(queue) + "/batch", json={"items": items})
     assert set(assert_error(response, 422, "validation_error")["details"]["items"]) == {"2"}
-    assert sqlite_snapshot(sqlite_server) == before
+    assert await snapshot(server) == before
 
 
 # Bad input changes nothing ----------------------------------------------------------------------
@@ -563,20 +557,20 @@ BAD_INPUT: dict[str, tuple[Callable[[str], Request], int, str]] = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
-async def test_bad_input_changes_nothing(sqlite_server: Server, client: httpx.AsyncClient, case: str) -> None:
+async def test_bad_input_changes_nothing(server: Server, client: httpx.AsyncClient, case: str) -> None:
     build, status, code = BAD_INPUT[case]
     queue = await create_queue(client)
     await publish(client, queue, body="already here")
     for target in (queue, unique("missing")):  # an existing queue, and one an admin would auto-create
         method, path, kwargs = build(target)
-        before = sqlite_snapshot(sqlite_server)
+        before = await snapshot(server)
         response = await client.request(method, path, **kwargs)
         error = assert_error(response, status, code)
         if status == 413:
             assert error["details"]["limit"] == MAX_BODY
         if status == 422:
             assert error["details"], error
-        assert sqlite_snapshot(sqlite_server) == before
+        assert await snapshot(server) == before
     assert [m["body"] for m in (await listed(client, queue))["items"]] == ["already here"]
 
 
@@ -588,15 +582,15 @@ async def test_body_at_the_limit_is_accepted(client: httpx.AsyncClient) -> None:
     assert response.json()["body"] == text
 
 
-async def test_batch_over_its_byte_limit_is_413(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+async def test_batch_over_its_byte_limit_is_413(server: Server, client: httpx.AsyncClient) -> None:
     queue = await create_queue(client)
-    before = sqlite_snapshot(sqlite_server)
+    before = await snapshot(server)
     content = b'{"items": [' + b" " * (8 * 1024 * 1024) + b"]}"
     response = await client.post(
         messages_url(queue) + "/batch", content=content, headers={"Content-Type": "application/json"}
     )
     assert_error(response, 413, "too_large")
-    assert sqlite_snapshot(sqlite_server) == before
+    assert await snapshot(server) == before
 
 
 # Read, filter, page, delete ---------------------------------------------------------------------
@@ -742,14 +736,14 @@ async def test_unsafe_request_id_is_replaced(client: httpx.AsyncClient) -> None:
 # Scopes -----------------------------------------------------------------------------------------
 
 
-async def test_scopes_guard_messages(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+async def test_scopes_guard_messages(server: Server, client: httpx.AsyncClient) -> None:
     queue = await create_queue(client)
     message = await publish(client, queue, body=1)
     one = messages_url(queue) + f"/{message['id']}"
-    before = sqlite_snapshot(sqlite_server)
+    before = await snapshot(server)
     async with (
-        sqlite_server.client(auth(mint("reader", f"subscribe:{queue}"))) as reader,
-        sqlite_server.client(auth(mint("writer", f"publish:{queue}"))) as writer,
+        server.client(auth(mint("reader", f"subscribe:{queue}"))) as reader,
+        server.client(auth(mint("writer", f"publish:{queue}"))) as writer,
     ):
         denied = [
             (await reader.post(messages_url(queue), json={"body": 2}), f"publish:{queue}"),
@@ -765,20 +759,18 @@ async def test_scopes_guard_messages(sqlite_server: Server, client: httpx.AsyncC
         ]
         for response, needed in denied:
             assert assert_error(response, 403, "forbidden")["details"] == {"needed": needed}
-        assert sqlite_snapshot(sqlite_server) == before
+        assert await snapshot(server) == before
         assert (await reader.get(one)).json()["id"] == message["id"]
         assert (await writer.post(messages_url(queue), json={"body": 2})).status_code == 201
-    async with sqlite_server.client({}) as anonymous:
+    async with server.client({}) as anonymous:
         assert_error(await anonymous.post(messages_url(queue), json={"body": 3}), 401, "unauthorized")
     assert (await listed(client, queue))["total"] == 2
 
 
-async def test_publish_scope_glob_matches_dotted_names(
-    sqlite_server: Server, client: httpx.AsyncClient
-) -> None:
+async def test_publish_scope_glob_matches_dotted_names(server: Server, client: httpx.AsyncClient) -> None:
     prefix = unique("builds")
     queue = await create_queue(client, f"{prefix}.web.main")
-    async with sqlite_server.client(auth(mint("ci", f"publish:{prefix}.*"))) as ci:
+    async with server.client(auth(mint("ci", f"publish:{prefix}.*"))) as ci:
         assert (await ci.post(messages_url(queue), json={"body": 1})).status_code == 201
         other = await create_queue(client)
         assert_error(await ci.post(messages_url(other), json={"body": 1}), 403, "forbidden")

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Server, auth, mint, sqlite_snapshot, unique
+from conftest import Server, auth, mint, snapshot, unique
 
 DEFAULTS = {
     "description": "",
@@ -61,9 +61,9 @@ async def events(http: httpx.AsyncClient, queue: str, **params: Any) -> dict[str
 # Create and read --------------------------------------------------------------------------------
 
 
-async def test_create_answers_201_with_defaults_and_owner(sqlite_server: Server) -> None:
+async def test_create_answers_201_with_defaults_and_owner(server: Server) -> None:
     name = unique()
-    async with sqlite_server.client(auth(mint("carol", f"manage:{name} subscribe:{name}"))) as carol:
+    async with server.client(auth(mint("carol", f"manage:{name} subscribe:{name}"))) as carol:
         response = await carol.post("/api/v1/queues", json={"name": name})
         assert response.status_code == 201, response.text
         queue = response.json()
@@ -109,15 +109,13 @@ async def test_create_logs_queue_created(client: httpx.AsyncClient) -> None:
     assert when(created["at"]) == when(queue["created_at"])
 
 
-async def test_duplicate_name_is_409_and_changes_nothing(
-    sqlite_server: Server, client: httpx.AsyncClient
-) -> None:
+async def test_duplicate_name_is_409_and_changes_nothing(server: Server, client: httpx.AsyncClient) -> None:
     queue = await create_queue(client, description="first")
-    before = sqlite_snapshot(sqlite_server)
+    before = await snapshot(server)
     again = await client.post("/api/v1/queues", json={"name": queue["name"], "description": "second"})
     error = assert_error(again, 409, "queue_exists")
     assert error["details"] == {"queue": queue["name"]}
-    assert sqlite_snapshot(sqlite_server) == before
+    assert await snapshot(server) == before
     assert (await client.get(f"/api/v1/queues/{queue['name']}")).json()["description"] == "first"
 
 
@@ -151,27 +149,27 @@ async def test_duplicate_name_is_409_and_changes_nothing(
     ],
 )
 async def test_invalid_create_is_422_and_changes_nothing(
-    sqlite_server: Server, client: httpx.AsyncClient, payload: dict[str, Any]
+    server: Server, client: httpx.AsyncClient, payload: dict[str, Any]
 ) -> None:
     if payload.get("name") == "fine":
         payload = {**payload, "name": unique()}
-    before = sqlite_snapshot(sqlite_server)
+    before = await snapshot(server)
     error = assert_error(await client.post("/api/v1/queues", json=payload), 422, "validation_error")
     assert error["details"]
-    assert sqlite_snapshot(sqlite_server) == before
+    assert await snapshot(server) == before
 
 
 @pytest.mark.parametrize("method", ["POST", "PATCH"])
 async def test_malformed_json_is_400_and_changes_nothing(
-    sqlite_server: Server, client: httpx.AsyncClient, method: str
+    server: Server, client: httpx.AsyncClient, method: str
 ) -> None:
     name = (await create_queue(client))["name"]
     path = "/api/v1/queues" if method == "POST" else f"/api/v1/queues/{name}"
-    before = sqlite_snapshot(sqlite_server)
+    before = await snapshot(server)
     headers = {"Content-Type": "application/json"}
     response = await client.request(method, path, content=b'{"name": ', headers=headers)
     assert_error(response, 400, "malformed_json")
-    assert sqlite_snapshot(sqlite_server) == before
+    assert await snapshot(server) == before
 
 
 async def test_get_counts_messages_by_status(client: httpx.AsyncClient) -> None:
@@ -205,9 +203,7 @@ async def test_invalid_name_in_path_is_422(client: httpx.AsyncClient) -> None:
 # List -------------------------------------------------------------------------------------------
 
 
-async def test_list_shows_only_visible_queues_with_paging(
-    sqlite_server: Server, client: httpx.AsyncClient
-) -> None:
+async def test_list_shows_only_visible_queues_with_paging(server: Server, client: httpx.AsyncClient) -> None:
     team = unique("team")
     names = [f"{team}.{n}" for n in range(5)]
     for name in reversed(names):
@@ -215,9 +211,9 @@ async def test_list_shows_only_visible_queues_with_paging(
     await publish(client, names[0], "x")
     await create_queue(client, unique("other"))
     async with (
-        sqlite_server.client(auth(mint("viewer", f"subscribe:{team}.*"))) as viewer,
-        sqlite_server.client(auth(mint("boss", f"manage:{team}.[0-1]"))) as boss,
-        sqlite_server.client(auth(mint("poster", f"publish:{team}.*"))) as poster,
+        server.client(auth(mint("viewer", f"subscribe:{team}.*"))) as viewer,
+        server.client(auth(mint("boss", f"manage:{team}.[0-1]"))) as boss,
+        server.client(auth(mint("poster", f"publish:{team}.*"))) as poster,
     ):
         everything = (await viewer.get("/api/v1/queues")).json()
         assert [q["name"] for q in everything["items"]] == names
@@ -248,12 +244,12 @@ async def test_list_shows_only_visible_queues_with_paging(
     ids=["zero-limit", "negative-limit", "huge-limit", "negative-offset", "huge-offset", "text-limit"],
 )
 async def test_list_paging_out_of_range_is_422(
-    sqlite_server: Server, client: httpx.AsyncClient, params: dict[str, Any]
+    server: Server, client: httpx.AsyncClient, params: dict[str, Any]
 ) -> None:
-    before = sqlite_snapshot(sqlite_server)
+    before = await snapshot(server)
     error = assert_error(await client.get("/api/v1/queues", params=params), 422, "validation_error")
     assert any(key in field for field in error["details"] for key in params)
-    assert sqlite_snapshot(sqlite_server) == before
+    assert await snapshot(server) == before
 
 
 async def test_list_limit_bounds_are_inclusive(client: httpx.AsyncClient) -> None:
@@ -302,13 +298,13 @@ async def test_patch_changes_only_given_fields_and_logs_it(client: httpx.AsyncCl
     ids=["rename", "owner", "unknown", "zero-attempts", "negative-visibility"],
 )
 async def test_invalid_patch_is_422_and_changes_nothing(
-    sqlite_server: Server, client: httpx.AsyncClient, patch: dict[str, Any]
+    server: Server, client: httpx.AsyncClient, patch: dict[str, Any]
 ) -> None:
     queue = await create_queue(client)
-    before = sqlite_snapshot(sqlite_server)
+    before = await snapshot(server)
     response = await client.patch(f"/api/v1/queues/{queue['name']}", json=patch)
     assert_error(response, 422, "validation_error")
-    assert sqlite_snapshot(sqlite_server) == before
+    assert await snapshot(server) == before
     assert (await client.get(f"/api/v1/queues/{queue['name']}")).json() == queue
 
 
@@ -316,7 +312,7 @@ async def test_invalid_patch_is_422_and_changes_nothing(
 
 
 async def test_delete_is_soft_and_restore_brings_the_queue_back(
-    sqlite_server: Server, client: httpx.AsyncClient
+    server: Server, client: httpx.AsyncClient
 ) -> None:
     queue = await create_queue(client)
     name = queue["name"]
@@ -327,7 +323,7 @@ async def test_delete_is_soft_and_restore_brings_the_queue_back(
     assert deleted.json()["deleted_at"] is not None
     assert deleted.json()["messages"] == {**NO_MESSAGES, "pending": 1}
 
-    before = sqlite_snapshot(sqlite_server)
+    before = await snapshot(server)
     base = f"/api/v1/queues/{name}"
     assert_error(await client.get(base), 404, "queue_not_found")
     assert_error(await client.get(f"{base}/messages"), 404, "queue_not_found")
@@ -345,13 +341,13 @@ async def test_delete_is_soft_and_restore_brings_the_queue_back(
     assert name not in [
         q["name"] for q in (await client.get("/api/v1/queues", params={"limit": 200})).json()["items"]
     ]
-    assert sqlite_snapshot(sqlite_server) == before
+    assert await snapshot(server) == before
 
     shown = await client.get(base, params={"include_deleted": "true"})
     assert shown.status_code == 200, shown.text
     assert shown.json()["deleted_at"] == deleted.json()["deleted_at"]
     assert shown.json()["messages"] == {**NO_MESSAGES, "pending": 1}
-    async with sqlite_server.client(auth(mint("boss", f"manage:{name}"))) as boss:
+    async with server.client(auth(mint("boss", f"manage:{name}"))) as boss:
         listed = (await boss.get("/api/v1/queues", params={"include_deleted": "true"})).json()
         assert [q["name"] for q in listed["items"]] == [name]
         assert listed["items"][0]["deleted_at"] is not None
@@ -380,10 +376,10 @@ async def test_delete_is_soft_and_restore_brings_the_queue_back(
     assert page["items"][3]["data"]["deleted_at"] is None
 
 
-async def test_include_deleted_needs_manage(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+async def test_include_deleted_needs_manage(server: Server, client: httpx.AsyncClient) -> None:
     name = (await create_queue(client))["name"]
     assert (await client.delete(f"/api/v1/queues/{name}")).status_code == 200
-    async with sqlite_server.client(auth(mint("reader", f"subscribe:{name}"))) as reader:
+    async with server.client(auth(mint("reader", f"subscribe:{name}"))) as reader:
         error = assert_error(
             await reader.get(f"/api/v1/queues/{name}", params={"include_deleted": "true"}), 403, "forbidden"
         )
@@ -391,10 +387,10 @@ async def test_include_deleted_needs_manage(sqlite_server: Server, client: httpx
         assert_error(await reader.get(f"/api/v1/queues/{name}"), 404, "queue_not_found")
 
 
-async def test_listing_deleted_queues_needs_manage(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+async def test_listing_deleted_queues_needs_manage(server: Server, client: httpx.AsyncClient) -> None:
     name = (await create_queue(client))["name"]
     assert (await client.delete(f"/api/v1/queues/{name}")).status_code == 200
-    async with sqlite_server.client(auth(mint("reader", f"subscribe:{name}"))) as reader:
+    async with server.client(auth(mint("reader", f"subscribe:{name}"))) as reader:
         response = await reader.get("/api/v1/queues", params={"include_deleted": "true"})
     if response.status_code != 403:
         assert response.status_code == 200, response.text
@@ -447,16 +443,14 @@ async def test_events_paging_out_of_range_is_422(client: httpx.AsyncClient, para
 # Scopes -----------------------------------------------------------------------------------------
 
 
-async def test_scope_failures_are_403_and_change_nothing(
-    sqlite_server: Server, client: httpx.AsyncClient
-) -> None:
+async def test_scope_failures_are_403_and_change_nothing(server: Server, client: httpx.AsyncClient) -> None:
     name = (await create_queue(client))["name"]
     deleted = (await create_queue(client))["name"]
     assert (await client.delete(f"/api/v1/queues/{deleted}")).status_code == 200
     fresh = unique()
-    before = sqlite_snapshot(sqlite_server)
+    before = await snapshot(server)
     scopes = f"subscribe:{name} subscribe:{deleted} publish:{name} publish:{fresh} consume:*"
-    async with sqlite_server.client(auth(mint("limited", scopes))) as limited:
+    async with server.client(auth(mint("limited", scopes))) as limited:
         attempts = [
             (await limited.post("/api/v1/queues", json={"name": fresh}), f"manage:{fresh}"),
             (await limited.patch(f"/api/v1/queues/{name}", json={"description": "x"}), f"manage:{name}"),
@@ -468,32 +462,32 @@ async def test_scope_failures_are_403_and_change_nothing(
         # Reading still works with subscribe.
         assert (await limited.get(f"/api/v1/queues/{name}")).status_code == 200
         assert (await limited.get(f"/api/v1/queues/{name}/events")).status_code == 200
-    async with sqlite_server.client(auth(mint("poster", f"publish:{name}"))) as poster:
+    async with server.client(auth(mint("poster", f"publish:{name}"))) as poster:
         assert_error(await poster.get(f"/api/v1/queues/{name}"), 403, "forbidden")
         assert_error(await poster.get(f"/api/v1/queues/{name}/events"), 403, "forbidden")
-    assert sqlite_snapshot(sqlite_server) == before
+    assert await snapshot(server) == before
 
 
-async def test_missing_or_bad_token_is_401(sqlite_server: Server) -> None:
+async def test_missing_or_bad_token_is_401(server: Server) -> None:
     for headers in (
         {},
         {"Authorization": "Bearer not-a-jwt"},
         auth(mint(secret="another-secret-" + "y" * 40)),
     ):
-        async with sqlite_server.client(headers) as stranger:
+        async with server.client(headers) as stranger:
             response = await stranger.get("/api/v1/queues")
         assert_error(response, 401, "unauthorized")
         assert response.headers["www-authenticate"] == "Bearer"
 
 
-async def test_expired_token_is_401(sqlite_server: Server) -> None:
-    async with sqlite_server.client(auth(mint(ttl=-10))) as late:
+async def test_expired_token_is_401(server: Server) -> None:
+    async with server.client(auth(mint(ttl=-10))) as late:
         assert_error(await late.post("/api/v1/queues", json={"name": unique()}), 401, "unauthorized")
 
 
-async def test_manager_scope_glob_creates_and_manages(sqlite_server: Server) -> None:
+async def test_manager_scope_glob_creates_and_manages(server: Server) -> None:
     team = unique("ops")
-    async with sqlite_server.client(auth(mint("dave", f"manage:{team}.* subscribe:{team}.*"))) as dave:
+    async with server.client(auth(mint("dave", f"manage:{team}.* subscribe:{team}.*"))) as dave:
         queue = await create_queue(dave, f"{team}.alerts.high")
         assert queue["owner"] == "dave"
         assert (

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import time
 from typing import Any
 
 import httpx
-from conftest import ADMIN, Listener, Server, auth, mint, unique
+from conftest import ADMIN, Listener, Server, auth, mint, sql, unique
 
 
 def stream_url(server: Server, queue: str) -> str:
@@ -29,11 +28,9 @@ async def publish_many(http: httpx.AsyncClient, queue: str, bodies: list[Any]) -
         assert response.status_code == 201, response.text
 
 
-async def test_subscriber_sees_a_publish_within_100ms(
-    sqlite_server: Server, client: httpx.AsyncClient
-) -> None:
+async def test_subscriber_sees_a_publish_within_100ms(server: Server, client: httpx.AsyncClient) -> None:
     queue = await create_queue(client)
-    async with Listener(stream_url(sqlite_server, queue)) as listener:
+    async with Listener(stream_url(server, queue)) as listener:
         lags = []
         for n in range(5):
             sent = time.monotonic()
@@ -45,7 +42,7 @@ async def test_subscriber_sees_a_publish_within_100ms(
     assert max(lags) < 0.1, lags
 
 
-async def test_stream_headers_and_retry(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+async def test_stream_headers_and_retry(server: Server, client: httpx.AsyncClient) -> None:
     queue = await create_queue(client)
     async with client.stream("GET", f"/api/v1/queues/{queue}/stream") as response:
         assert response.status_code == 200
@@ -75,21 +72,19 @@ async def resume_after_gap(server: Server, http: httpx.AsyncClient, use_header: 
     assert [int(e.id) for e in events] == list(range(int(cursor) + 1, int(cursor) + 101))
 
 
-async def test_resume_with_last_event_id_header(sqlite_server: Server, client: httpx.AsyncClient) -> None:
-    await resume_after_gap(sqlite_server, client, use_header=True)
+async def test_resume_with_last_event_id_header(server: Server, client: httpx.AsyncClient) -> None:
+    await resume_after_gap(server, client, use_header=True)
 
 
-async def test_resume_with_last_event_id_query(sqlite_server: Server, client: httpx.AsyncClient) -> None:
-    await resume_after_gap(sqlite_server, client, use_header=False)
+async def test_resume_with_last_event_id_query(server: Server, client: httpx.AsyncClient) -> None:
+    await resume_after_gap(server, client, use_header=False)
 
 
-async def test_header_cursor_wins_over_query(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+async def test_header_cursor_wins_over_query(server: Server, client: httpx.AsyncClient) -> None:
     queue = await create_queue(client)
     await publish_many(client, queue, [1, 2, 3])
     headers = {**ADMIN, "Last-Event-ID": "3"}
-    async with Listener(
-        stream_url(sqlite_server, queue), headers=headers, params={"last_event_id": 0}
-    ) as listener:
+    async with Listener(stream_url(server, queue), headers=headers, params={"last_event_id": 0}) as listener:
         events = await listener.wait_for(1)
     assert [e.id for e in events] == ["4"]
 
@@ -115,18 +110,18 @@ async def concurrent_publishers(server: Server) -> None:
         assert [b["n"] for b in bodies if b["p"] == p] == list(range(250))
 
 
-async def test_concurrent_publishers_on_sqlite(sqlite_server: Server) -> None:
-    await concurrent_publishers(sqlite_server)
+async def test_concurrent_publishers_on_sqlite(server: Server) -> None:
+    await concurrent_publishers(server)
 
 
 async def test_concurrent_publishers_on_postgres(make_server: Any, pg_url: str) -> None:
     await concurrent_publishers(make_server(database_url=pg_url).start())
 
 
-async def test_types_filter(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+async def test_types_filter(server: Server, client: httpx.AsyncClient) -> None:
     queue = await create_queue(client)
     params = {"last_event_id": 0, "types": "message.created,message.deleted"}
-    async with Listener(stream_url(sqlite_server, queue), params=params) as listener:
+    async with Listener(stream_url(server, queue), params=params) as listener:
         await publish_many(client, queue, ["a"])
         [created] = await listener.wait_for(1)
         message_id = json.loads(created.data)["id"]
@@ -136,9 +131,9 @@ async def test_types_filter(sqlite_server: Server, client: httpx.AsyncClient) ->
     assert json.loads(events[1].data)["deleted_at"] is not None
 
 
-async def test_cursor_above_head_is_reset(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+async def test_cursor_above_head_is_reset(server: Server, client: httpx.AsyncClient) -> None:
     queue = await create_queue(client)
-    async with Listener(stream_url(sqlite_server, queue), params={"last_event_id": 99}) as listener:
+    async with Listener(stream_url(server, queue), params={"last_event_id": 99}) as listener:
         [reset] = await listener.wait_for(1)
         assert reset.event == "stream.reset"
         assert json.loads(reset.data) == {"reason": "cursor_ahead", "oldest_seq": 1}
@@ -147,21 +142,20 @@ async def test_cursor_above_head_is_reset(sqlite_server: Server, client: httpx.A
     assert events[1].id == "2"
 
 
-async def test_cursor_older_than_retention_is_reset(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+async def test_cursor_older_than_retention_is_reset(server: Server, client: httpx.AsyncClient) -> None:
     queue = await create_queue(client)
     await publish_many(client, queue, list(range(5)))
-    with sqlite3.connect(sqlite_server.data_dir / "pombo.sqlite3") as db:  # what retention would do
-        db.execute("DELETE FROM events WHERE log = ? AND seq <= 3", (f"queue:{queue}",))
-    async with Listener(stream_url(sqlite_server, queue), params={"last_event_id": 1}) as listener:
+    await sql(server, "DELETE FROM events WHERE log = ? AND seq <= 3", f"queue:{queue}")  # as retention would
+    async with Listener(stream_url(server, queue), params={"last_event_id": 1}) as listener:
         events = await listener.wait_for(4)
     assert events[0].event == "stream.reset"
     assert json.loads(events[0].data) == {"reason": "cursor_expired", "oldest_seq": 4}
     assert [e.id for e in events[1:]] == ["4", "5", "6"]
 
 
-async def test_closed_client_is_released_at_once(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+async def test_closed_client_is_released_at_once(server: Server, client: httpx.AsyncClient) -> None:
     queue = await create_queue(client)
-    async with Listener(stream_url(sqlite_server, queue)):
+    async with Listener(stream_url(server, queue)):
         assert (await client.get("/healthz")).json()["streams"] >= 1
         before = (await client.get("/healthz")).json()["streams"]
     deadline = time.monotonic() + 1
@@ -171,7 +165,7 @@ async def test_closed_client_is_released_at_once(sqlite_server: Server, client: 
 
 
 async def test_stream_needs_a_token_and_the_subscribe_scope(
-    sqlite_server: Server, client: httpx.AsyncClient
+    server: Server, client: httpx.AsyncClient
 ) -> None:
     queue = await create_queue(client)
     url = f"/api/v1/queues/{queue}/stream"
@@ -181,13 +175,11 @@ async def test_stream_needs_a_token_and_the_subscribe_scope(
     assert denied.json()["error"]["code"] == "forbidden"
 
 
-async def test_stream_ends_when_its_token_expires(sqlite_server: Server, client: httpx.AsyncClient) -> None:
+async def test_stream_ends_when_its_token_expires(server: Server, client: httpx.AsyncClient) -> None:
     queue = await create_queue(client)
     token = mint("short", f"subscribe:{queue}", ttl=2)
     started = time.monotonic()
-    async with Listener(
-        stream_url(sqlite_server, queue), params={"access_token": token}, headers={}
-    ) as listener:
+    async with Listener(stream_url(server, queue), params={"access_token": token}, headers={}) as listener:
         events = await listener.wait_for(1, timeout=10, event="stream.expired")
         assert (events and listener.finished) or await _finishes(listener)
     assert 0.5 < time.monotonic() - started < 5
