@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from auth import Principal, TokenCodec
 from errors import unauthorized
 from hub import Hub, Window
+from leases import Leases
 from models import QUEUE_NAME_PATTERN
 from settings import Settings
 
@@ -50,7 +51,13 @@ def _window(
     return Window(limit, offset)
 
 
+def _leases(request: Request) -> Leases:
+    leases: Leases = request.app.state.leases
+    return leases
+
+
 HubDep = Annotated[Hub, Depends(_hub)]
+LeasesDep = Annotated[Leases, Depends(_leases)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 CurrentPrincipal = Annotated[Principal, Depends(_principal)]
 WindowDep = Annotated[Window, Depends(_window)]

@@ -69,7 +69,7 @@ class Hub:
         changes = patch.model_dump(exclude_unset=True)
 
         async def update(tx: Tx) -> QueueOut:
-            queue = await _live_queue(tx, name)
+            queue = await live_queue_in(tx, name)
             queue.update_from_dict(changes)
             queue.updated_at = tx.now
             await queue.save(using_db=tx.conn)
@@ -119,13 +119,13 @@ class Hub:
         _reject_repeated_keys(drafts)
 
         async def publish(tx: Tx) -> list[Published]:
-            queue = await _live_queue(tx, name, create_for=owner)
+            queue = await live_queue_in(tx, name, create_for=owner)
             earlier = await _earlier_by_key(tx, queue, drafts, self.settings.idempotency_seconds)
             fresh = [_new_message(tx, queue, d) for d in drafts if d.idempotency_key not in earlier]
             await _release_stale_keys(tx, queue, fresh)
             await Message.bulk_create(fresh, using_db=tx.conn)
             for message in fresh:
-                tx.emit(queue_log(name), "message.created", MessageOut.of(message, name).model_dump_json())
+                emit_message(tx, message, name, "message.created")
             new = iter(fresh)
             return [
                 Published(earlier[d.idempotency_key], False)
@@ -154,16 +154,44 @@ class Hub:
 
     async def delete_message(self, name: str, message_id: str) -> MessageOut:
         async def delete(tx: Tx) -> MessageOut:
-            queue = await _live_queue(tx, name)
+            queue = await live_queue_in(tx, name)
             message = await Message.filter(id=message_id, queue_id=queue.id).using_db(tx.conn).first()
             if message is None:
                 raise not_found("message", message_id)
             await message.delete(using_db=tx.conn)
-            gone = MessageOut.of(message, name, deleted_at=tx.now)
-            tx.emit(queue_log(name), "message.deleted", gone.model_dump_json())
-            return gone
+            return emit_message(tx, message, name, "message.deleted", deleted=True)
 
         return await self.writer.run(delete)
+
+    async def expire_messages(self, limit: int) -> int:
+        """Remove messages older than their queue's retention (zero keeps them forever)."""
+
+        async def expire(tx: Tx) -> int:
+            removed = 0
+            for queue in await Queue.filter(retention_seconds__gt=0).using_db(tx.conn):
+                cutoff = tx.now - timedelta(seconds=queue.retention_seconds)
+                query = Message.filter(queue_id=queue.id, created_at__lt=cutoff).using_db(tx.conn)
+                old = await query.order_by("created_at").limit(limit - removed)
+                await Message.filter(id__in=[m.id for m in old]).using_db(tx.conn).delete()
+                for message in old:
+                    emit_message(tx, message, queue.name, "message.expired", deleted=True)
+                removed += len(old)
+                if removed >= limit:
+                    break
+            return removed
+
+        return await self.writer.run(expire)
+
+    async def trim_logs(self, older_than: float, limit: int) -> int:
+        """Drop events past the log retention; streams behind them get `stream.reset`."""
+
+        async def trim(tx: Tx) -> int:
+            cutoff = tx.now - timedelta(seconds=older_than)
+            query = Event.filter(at__lt=cutoff).order_by("id").limit(limit).using_db(tx.conn)
+            ids = await query.values_list("id", flat=True)
+            return await Event.filter(id__in=list(ids)).using_db(tx.conn).delete() if ids else 0
+
+        return await self.writer.run(trim)
 
     # Logs --------------------------------------------------------------------------------
 
@@ -206,13 +234,19 @@ async def _emit_queue(tx: Tx, queue: Queue, event: str) -> QueueOut:
     return resource
 
 
-async def _live_queue(tx: Tx, name: str, create_for: str | None = None) -> Queue:
+async def live_queue_in(tx: Tx, name: str, create_for: str | None = None) -> Queue:
     queue = await Queue.filter(name=name).using_db(tx.conn).first()
     if queue is not None and queue.deleted_at is None:
         return queue
     if queue is None and create_for is not None:
         return await _create_queue(tx, QueueCreate(name=name), create_for)
     raise not_found("queue", name)
+
+
+def emit_message(tx: Tx, message: Message, queue: str, event: str, deleted: bool = False) -> MessageOut:
+    resource = MessageOut.of(message, queue, deleted_at=tx.now if deleted else None)
+    tx.emit(queue_log(queue), event, resource.model_dump_json())
+    return resource
 
 
 async def _status_counts(queue_ids: list[int], tx: Tx | None = None) -> dict[int, dict[str, int]]:

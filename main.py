@@ -21,6 +21,7 @@ from loguru import logger
 from tortoise import Tortoise
 from tortoise.contrib.fastapi import RegisterTortoise
 
+import api_consume
 import api_messages
 import api_queues
 import api_system
@@ -37,9 +38,11 @@ from broker import create_broker
 from database import apply_migrations, replicas_share_a_broker, single_process
 from errors import install_error_handlers
 from hub import Hub
+from leases import Leases
 from observability import RequestContext, configure_logging
 from schemas import parse_duration
 from settings import Settings, SettingsError, load_settings, tortoise_config
+from sweeper import Sweeper
 from writer import Writer
 
 ADMIN_TOKEN_TTL = timedelta(days=365)
@@ -52,7 +55,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.anonymous = anonymous(settings.anonymous_scopes)
     install_error_handlers(app)
-    for module in (api_system, api_queues, api_messages):
+    for module in (api_system, api_queues, api_messages, api_consume):
         app.include_router(module.router)
     app.add_middleware(RequestContext)
     return app
@@ -87,9 +90,13 @@ async def _running_hub(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     await broker.start()
     writer.start()
     app.state.hub = Hub(settings, writer, broker)
+    app.state.leases = Leases(writer, broker)
+    sweeper = Sweeper(app.state.hub, app.state.leases, settings)
+    sweeper.start()
     try:
         yield
     finally:
+        await sweeper.close()
         await writer.close()
         await broker.close()
 

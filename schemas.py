@@ -172,6 +172,47 @@ class MessageOut(BaseModel):
         )
 
 
+class ClaimedMessage(MessageOut):
+    lease_id: str = Field(description="send it with ack, nack and extend")
+
+
+class ClaimIn(Strict):
+    max: int = Field(default=1, ge=1, le=100)
+    visibility_timeout: float | None = Field(
+        default=None, gt=0, le=12 * 3600, description="default: the queue's"
+    )
+    wait: float = Field(default=0, ge=0, le=20, description="long-poll up to this many seconds")
+
+
+class LeaseIn(Strict):
+    lease_id: str = Field(min_length=1, max_length=64)
+
+
+class NackIn(LeaseIn):
+    error: str | None = Field(default=None, max_length=10_000)
+    delay: float | None = Field(default=None, ge=0, le=7 * 86400, description="overrides the backoff")
+
+
+class ExtendIn(LeaseIn):
+    visibility_timeout: float | None = Field(default=None, gt=0, le=12 * 3600, description="counted from now")
+
+
+class AckItem(LeaseIn):
+    id: str = Field(min_length=1, max_length=64)
+
+
+class AckBatchIn(Strict):
+    items: list[AckItem] = Field(min_length=1, max_length=1000)
+
+
+class RedriveIn(Strict):
+    ids: list[str] | None = Field(default=None, max_length=1000, description="default: every dead message")
+
+
+class Items(BaseModel, Generic[T]):
+    items: list[T]
+
+
 class EventOut(BaseModel):
     seq: int
     type: str

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     stream_lifetime_seconds: float = Field(default=600, gt=0)
     subscriber_buffer: int = Field(default=1000, ge=1)
     event_retention_seconds: float = Field(default=7 * 24 * 3600, ge=0)
+    # Expired leases come back within about this long.
+    sweep_seconds: float = Field(default=1.0, gt=0, le=60)
+    retention_sweep_seconds: float = Field(default=60.0, gt=0)
 
     # FULL: a 2xx means the message survived a power cut. NORMAL is an opt-in.
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
