@@ -3,17 +3,25 @@
 python main.py [serve]                         run the service
 python main.py token --sub NAME --scope "…"    print a signed token
 python main.py migrate                         apply migrations and exit
+python main.py publish QUEUE [BODY]            publish BODY (or stdin)
+python main.py subscribe QUEUE                 print the queue's events as JSON lines
+python main.py work QUEUE -- COMMAND [ARGS…]   run COMMAND once per message
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
+import logging
+import os
 import resource
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -35,6 +43,7 @@ from auth import (
     write_private,
 )
 from broker import create_broker
+from client import PomboClient, PomboError
 from database import apply_migrations, replicas_share_a_broker, single_process
 from errors import install_error_handlers
 from hub import Hub
@@ -43,6 +52,7 @@ from observability import RequestContext, configure_logging
 from schemas import parse_duration
 from settings import Settings, SettingsError, load_settings, tortoise_config
 from sweeper import Sweeper
+from worker import Worker, WorkerError, WorkerOptions
 from writer import Writer
 
 ADMIN_TOKEN_TTL = timedelta(days=365)
@@ -145,6 +155,7 @@ async def _mint(settings: Settings, subject: str, scopes: frozenset[str], ttl: t
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python main.py", description="Pombo, a small message hub.")
     commands = parser.add_subparsers(dest="command")
+    _client_commands(commands)
     commands.add_parser("serve", help="run the service (the default)")
     commands.add_parser("migrate", help="apply database migrations and exit")
     token = commands.add_parser("token", help="print a signed token on stdout")
@@ -156,8 +167,83 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _client_commands(commands: Any) -> None:
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument(
+        "--url", default=os.environ.get("POMBO_URL", "http://127.0.0.1:8000"), help="default: $POMBO_URL"
+    )
+    remote.add_argument("--token", default=os.environ.get("POMBO_TOKEN"), help="default: $POMBO_TOKEN")
+    publish = commands.add_parser("publish", parents=[remote], help="publish a message (the body, or stdin)")
+    publish.add_argument("queue")
+    publish.add_argument("body", nargs="?", help="default: read stdin")
+    publish.add_argument("--type", default=None)
+    publish.add_argument("--priority", choices=["low", "normal", "high", "urgent"], default=None)
+    publish.add_argument("--delay", default=None, help="e.g. 30s, 5m")
+    publish.add_argument("--idempotency-key", default=None)
+    subscribe = commands.add_parser(
+        "subscribe", parents=[remote], help="print events as JSON lines, resuming"
+    )
+    subscribe.add_argument("queue")
+    subscribe.add_argument("--from-start", action="store_true", help="the whole retained log first")
+    work = commands.add_parser("work", parents=[remote], help="run a command once per message")
+    work.add_argument("queue")
+    work.add_argument("--concurrency", type=int, default=1)
+    work.add_argument("--visibility-timeout", type=float, default=30.0)
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    if args.command == "publish":
+        return asyncio.run(_publish(args))
+    if args.command == "subscribe":
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_subscribe(args))
+        return 0
+    if not args.program or args.concurrency < 1:
+        raise ValueError("usage: python main.py work QUEUE [--concurrency N] -- COMMAND [ARGS…]")
+    options = WorkerOptions(args.queue, args.program, args.concurrency, args.visibility_timeout)
+    asyncio.run(_work(args, options))
+    return 0
+
+
+async def _publish(args: argparse.Namespace) -> int:
+    body = args.body if args.body is not None else sys.stdin.read()
+    given = {
+        "X-Type": args.type,
+        "X-Priority": args.priority,
+        "X-Delay": args.delay,
+        "Idempotency-Key": args.idempotency_key,
+    }
+    async with PomboClient(args.url, args.token) as client:
+        message = await client.publish(args.queue, body, {k: v for k, v in given.items() if v is not None})
+    print(message["id"])
+    return 0
+
+
+async def _subscribe(args: argparse.Namespace) -> None:
+    async with PomboClient(args.url, args.token) as client:
+        async for event in client.events(args.queue, "0" if args.from_start else None):
+            seq = int(event.id) if event.id.isdigit() else None
+            print(json.dumps({"seq": seq, "type": event.event, "data": json.loads(event.data)}), flush=True)
+
+
+async def _work(args: argparse.Namespace, options: WorkerOptions) -> None:
+    async with PomboClient(args.url, args.token) as client:
+        await Worker(client, options).run()
+
+
 def run(argv: Sequence[str]) -> int:
-    args = _parser().parse_args(argv)
+    # Everything after `--` is the worker's command, options included.
+    split = list(argv).index("--") if "--" in argv else len(argv)
+    args = _parser().parse_args(argv[:split])
+    args.program = list(argv[split + 1 :])
+    if args.command in ("publish", "subscribe", "work"):
+        configure_logging(json_lines=False)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        try:
+            return _run_client(args)
+        except (PomboError, WorkerError, ValueError) as error:
+            print(f"pombo: {error}", file=sys.stderr)
+            return 1
     try:
         settings = load_settings()
         if args.command == "token":

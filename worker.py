@@ -1,0 +1,183 @@
+"""`python main.py work QUEUE -- COMMAND`: run a command once per message.
+
+The body goes to the command's stdin and the metadata to `POMBO_*` environment variables. Exit 0
+acks; anything else nacks with the command's last stderr line. The lease is extended while the
+command runs. The first SIGINT/SIGTERM stops claiming and lets running commands finish; a
+second one stops them and releases their messages for another worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from loguru import logger
+
+from client import PomboClient, PomboError, body_text
+
+# Long enough to be cheap when idle, short enough that a stop is quick.
+CLAIM_WAIT_SECONDS = 5.0
+ERROR_PAUSE_SECONDS = 1.0
+
+
+class WorkerError(Exception):
+    """The worker cannot go on (its command cannot be started)."""
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    queue: str
+    command: Sequence[str]
+    concurrency: int = 1
+    visibility_timeout: float = 30.0
+
+
+class Worker:
+    def __init__(self, client: PomboClient, options: WorkerOptions) -> None:
+        self._client = client
+        self._options = options
+        self._stopping = asyncio.Event()
+        self._aborting = asyncio.Event()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._on_signal)
+        logger.info(
+            "working on {} with {} slot(s): {}",
+            self._options.queue,
+            self._options.concurrency,
+            " ".join(self._options.command),
+        )
+        await asyncio.gather(*(self._slot() for _ in range(self._options.concurrency)))
+
+    def _on_signal(self) -> None:
+        if self._stopping.is_set():
+            logger.warning("stopping now: running commands are stopped and their messages released")
+            self._aborting.set()
+        else:
+            logger.info("stopping: finishing running commands (signal again to stop them)")
+            self._stopping.set()
+
+    async def _slot(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                claimed = await self._client.claim(
+                    self._options.queue, CLAIM_WAIT_SECONDS, self._options.visibility_timeout
+                )
+            except PomboError as error:
+                logger.error("claim failed: {}", error)
+                await asyncio.sleep(ERROR_PAUSE_SECONDS)
+                continue
+            for message in claimed:
+                await self._handle(message)
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        if self._stopping.is_set():
+            await self._release(message, "worker stopped before running it")
+            return
+        keeper = asyncio.create_task(self._keep_lease(message))
+        try:
+            code, error = await self._execute(message)
+        finally:
+            keeper.cancel()
+        if code is None:
+            await self._release(message, "worker stopped while running it")
+        elif code == 0:
+            await self._settle(self._client.ack(self._options.queue, message["id"], message["lease_id"]))
+        else:
+            await self._settle(
+                self._client.nack(self._options.queue, message["id"], message["lease_id"], error)
+            )
+
+    async def _execute(self, message: dict[str, Any]) -> tuple[int | None, str]:
+        """Run the command; (exit status, last stderr line), or (None, …) when aborted."""
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self._options.command,
+                stdin=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, **message_environment(message)},
+            )
+        except OSError as error:
+            # Every message would fail the same way: give this one back and stop.
+            await self._release(message, f"cannot run the command: {error}")
+            raise WorkerError(f"cannot run {self._options.command[0]!r}: {error.strerror}") from None
+        feeding = asyncio.create_task(_feed(process, body_text(message).encode()))
+        errors = asyncio.create_task(_last_line(process))
+        finished = asyncio.create_task(process.wait())
+        aborted = asyncio.create_task(self._aborting.wait())
+        done, _ = await asyncio.wait({finished, aborted}, return_when=asyncio.FIRST_COMPLETED)
+        stopped = finished not in done
+        if stopped:
+            process.terminate()
+            await process.wait()
+        aborted.cancel()
+        await asyncio.gather(feeding, return_exceptions=True)
+        last = await errors
+        return (None if stopped else process.returncode), last or f"exit status {process.returncode}"
+
+    async def _keep_lease(self, message: dict[str, Any]) -> None:
+        every = max(self._options.visibility_timeout / 3, 0.1)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self._client.extend(
+                    self._options.queue, message["id"], message["lease_id"], self._options.visibility_timeout
+                )
+            except PomboError as error:
+                logger.warning("could not extend the lease of {}: {}", message["id"], error)
+
+    async def _release(self, message: dict[str, Any], reason: str) -> None:
+        await self._settle(
+            self._client.nack(self._options.queue, message["id"], message["lease_id"], reason, delay=0)
+        )
+
+    async def _settle(self, call: Any) -> None:
+        try:
+            await call
+        except PomboError as error:
+            # The lease may have expired meanwhile: the server hands the message out again.
+            logger.warning("could not settle a message: {}", error)
+
+
+async def _feed(process: asyncio.subprocess.Process, body: bytes) -> None:
+    assert process.stdin is not None
+    try:
+        process.stdin.write(body)
+        await process.stdin.drain()
+        process.stdin.close()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the command did not read its input: that is its business
+
+
+async def _last_line(process: asyncio.subprocess.Process) -> str:
+    """Pass the command's stderr through, remembering its last non-empty line."""
+    assert process.stderr is not None
+    last = ""
+    async for raw in process.stderr:
+        sys.stderr.buffer.write(raw)
+        line = raw.decode(errors="replace").strip()
+        last = line or last
+    sys.stderr.flush()
+    return last
+
+
+def message_environment(message: dict[str, Any]) -> dict[str, str]:
+    env = {
+        "POMBO_QUEUE": str(message["queue"]),
+        "POMBO_MESSAGE_ID": str(message["id"]),
+        "POMBO_MESSAGE_TYPE": str(message["type"]),
+        "POMBO_PRIORITY": str(message["priority"]),
+        "POMBO_ATTEMPTS": str(message["attempts"]),
+        "POMBO_CONTENT_TYPE": str(message["content_type"]),
+        "POMBO_CREATED_AT": str(message["created_at"]),
+    }
+    for name, value in message.get("headers", {}).items():
+        env[f"POMBO_HEADER_{name.upper().replace('-', '_')}"] = str(value)
+    return env
