@@ -108,7 +108,7 @@ def _seconds_until(moment: datetime | None) -> float:
 
 async def _claim(name: str, request: Claim, tx: Tx) -> tuple[list[ClaimedMessage], datetime | None]:
     queue = await live_queue_in(tx, name)
-    await _release_expired(queue, 100, tx)
+    # Expired leases come back through the sweeper (every `sweep_seconds`), not on this hot path.
     query = Message.filter(queue_id=queue.id, status=MessageStatus.pending, available_at__lte=tx.now)
     query = query.order_by("-priority", "created_at", "id").limit(request.max)
     rows = await (query if tx.is_sqlite else query.select_for_update(skip_locked=True)).using_db(tx.conn)

@@ -9,6 +9,7 @@ second one stops them and releases their messages for another worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -21,8 +22,10 @@ from loguru import logger
 from client import PomboClient, PomboError, body_text
 
 # Long enough to be cheap when idle, short enough that a stop is quick.
-CLAIM_WAIT_SECONDS = 5.0
+CLAIM_WAIT_SECONDS = 2.0
 ERROR_PAUSE_SECONDS = 1.0
+STOP_GRACE_SECONDS = 5.0
+STDERR_GRACE_SECONDS = 1.0
 
 
 class WorkerError(Exception):
@@ -103,6 +106,7 @@ class Worker:
                 stdin=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env={**os.environ, **message_environment(message)},
+                start_new_session=True,  # so a stop reaches the command's own children too
             )
         except OSError as error:
             # Every message would fail the same way: give this one back and stop.
@@ -115,11 +119,13 @@ class Worker:
         done, _ = await asyncio.wait({finished, aborted}, return_when=asyncio.FIRST_COMPLETED)
         stopped = finished not in done
         if stopped:
-            process.terminate()
-            await process.wait()
+            await _stop(process)
         aborted.cancel()
         await asyncio.gather(feeding, return_exceptions=True)
-        last = await errors
+        # A child the command left behind may hold stderr open: do not wait for it long.
+        last = ""
+        with contextlib.suppress(TimeoutError):
+            last = await asyncio.wait_for(errors, STDERR_GRACE_SECONDS)
         return (None if stopped else process.returncode), last or f"exit status {process.returncode}"
 
     async def _keep_lease(self, message: dict[str, Any]) -> None:
@@ -144,6 +150,18 @@ class Worker:
         except PomboError as error:
             # The lease may have expired meanwhile: the server hands the message out again.
             logger.warning("could not settle a message: {}", error)
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM to the command's process group, SIGKILL if it lingers."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signum)
+        try:
+            await asyncio.wait_for(process.wait(), STOP_GRACE_SECONDS)
+            return
+        except TimeoutError:
+            continue
 
 
 async def _feed(process: asyncio.subprocess.Process, body: bytes) -> None:

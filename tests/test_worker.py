@@ -1,0 +1,262 @@
+"""The worker CLI as a user runs it: subprocesses against real servers, real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import ROOT, SECRET, Server, mint, unique
+
+TOKEN = mint("worker", "admin")
+
+
+def pombo(server: Server, *args: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "POMBO_URL": server.url, "POMBO_TOKEN": TOKEN, "POMBO_JWT_SECRET": SECRET}
+    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], env=env, **kwargs)
+
+
+def script(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text("#!/bin/sh\n" + text)
+    path.chmod(0o755)
+    return str(path)
+
+
+async def create_queue(http: httpx.AsyncClient, **settings: Any) -> str:
+    name = unique("work")
+    response = await http.post("/api/v1/queues", json={"name": name, **settings})
+    assert response.status_code == 201, response.text
+    return name
+
+
+async def messages(http: httpx.AsyncClient, queue: str, status: str) -> list[dict[str, Any]]:
+    response = await http.get(f"/api/v1/queues/{queue}/messages", params={"status": status, "limit": 200})
+    return list(response.json()["items"])
+
+
+async def wait_until(predicate: Any, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
+async def test_publish_work_and_subscribe_end_to_end(sqlite_server: Server, tmp_path: Path) -> None:
+    out = tmp_path / "done.txt"
+    handler = script(tmp_path, "handle.sh", f'body=$(cat); echo "$POMBO_ATTEMPTS:$body" >> {out}\n')
+    async with sqlite_server.client() as http:
+        queue = await create_queue(http)
+        publish = pombo(sqlite_server, "publish", queue, "hello", stdout=subprocess.PIPE)
+        printed, _ = publish.communicate(timeout=30)
+        assert publish.returncode == 0
+        message_id = printed.decode().strip()
+        piped = pombo(sqlite_server, "publish", queue, "--type", "greeting", stdin=subprocess.PIPE)
+        piped.communicate(b"from stdin", timeout=30)
+        assert piped.returncode == 0
+        subscriber = pombo(sqlite_server, "subscribe", queue, "--from-start", stdout=subprocess.PIPE)
+        worker = pombo(sqlite_server, "work", queue, "--", handler)
+
+        async def drained() -> bool:
+            return len(await messages(http, queue, "done")) == 2
+
+        await wait_until(drained)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0
+        subscriber.send_signal(signal.SIGINT)
+        lines, _ = subscriber.communicate(timeout=15)
+    assert sorted(out.read_text().splitlines()) == ["1:from stdin", "1:hello"]
+    events = [json.loads(line) for line in lines.decode().splitlines()]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    created = [e["data"]["id"] for e in events if e["type"] == "message.created"]
+    assert created[0] == message_id
+    assert [e["data"]["id"] for e in events if e["type"] == "message.acked"].count(message_id) == 1
+
+
+async def test_a_failing_command_is_nacked_with_its_last_stderr_line_then_dead(
+    make_server: Any, tmp_path: Path
+) -> None:
+    server = make_server(sweep_seconds="0.2").start()
+    failing = script(
+        tmp_path, "fail.sh", 'cat >/dev/null; echo "warming up" >&2; echo "disk full" >&2; exit 3\n'
+    )
+    async with server.client() as http:
+        queue = await create_queue(http, max_attempts=3, backoff_base=0.1, backoff_max=0.2)
+        await http.post(f"/api/v1/queues/{queue}/messages", content=b"doomed")
+        worker = pombo(server, "work", queue, "--", failing, stderr=subprocess.DEVNULL)
+        try:
+
+            async def dead() -> bool:
+                return len(await messages(http, queue, "dead")) == 1
+
+            await wait_until(dead)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(15)
+        [message] = await messages(http, queue, "dead")
+        log = (await http.get(f"/api/v1/queues/{queue}/events", params={"limit": 200})).json()["items"]
+    assert message["attempts"] == 3
+    assert message["last_error"] == "disk full"
+    assert [e["type"] for e in log if e["type"] in ("message.retrying", "message.dead")] == [
+        "message.retrying",
+        "message.retrying",
+        "message.dead",
+    ]
+
+
+async def test_sigterm_lets_the_running_command_finish_and_acks_it(
+    sqlite_server: Server, tmp_path: Path
+) -> None:
+    started = tmp_path / "started"
+    slow = script(tmp_path, "slow.sh", f"cat >/dev/null; touch {started}; sleep 1.5; exit 0\n")
+    async with sqlite_server.client() as http:
+        queue = await create_queue(http)
+        await http.post(f"/api/v1/queues/{queue}/messages", content=b"slow job")
+        worker = pombo(sqlite_server, "work", queue, "--", slow)
+        await wait_until(_exists(started))
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(worker.wait, 15) == 0
+        assert len(await messages(http, queue, "done")) == 1
+
+
+async def test_a_second_signal_stops_the_command_and_releases_the_message(
+    sqlite_server: Server, tmp_path: Path
+) -> None:
+    started = tmp_path / "started"
+    stuck = script(tmp_path, "stuck.sh", f"cat >/dev/null; touch {started}; sleep 60\n")
+    async with sqlite_server.client() as http:
+        queue = await create_queue(http)
+        await http.post(f"/api/v1/queues/{queue}/messages", content=b"stuck job")
+        worker = pombo(sqlite_server, "work", queue, "--", stuck, stderr=subprocess.DEVNULL)
+        await wait_until(_exists(started))
+        worker.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(worker.wait, 15) == 0
+        [message] = await messages(http, queue, "pending")
+    assert message["last_error"] == "worker stopped while running it"
+
+
+async def test_a_killed_worker_s_message_comes_back_after_its_visibility_timeout(
+    make_server: Any, tmp_path: Path
+) -> None:
+    server = make_server(sweep_seconds="0.2").start()
+    started = tmp_path / "started"
+    stuck = script(tmp_path, "stuck.sh", f"cat >/dev/null; touch {started}; sleep 60\n")
+    async with server.client() as http:
+        queue = await create_queue(http)
+        await http.post(f"/api/v1/queues/{queue}/messages", content=b"job")
+        worker = pombo(
+            server, "work", queue, "--visibility-timeout", "1", "--", stuck, start_new_session=True
+        )
+        await wait_until(_exists(started))
+        os.killpg(worker.pid, signal.SIGKILL)  # the worker and its command, mid-message
+        worker.wait(5)
+        killed_at = time.monotonic()
+        claim = await http.post(f"/api/v1/queues/{queue}/claim", json={"wait": 10})
+        [again] = claim.json()["items"]
+    assert again["attempts"] == 2
+    assert 0.3 < time.monotonic() - killed_at < 4
+
+
+def _exists(path: Path) -> Any:
+    async def check() -> bool:
+        return path.exists()
+
+    return check
+
+
+async def drain_5000(servers: list[Server], tmp_path: Path) -> None:
+    """Four worker processes drain 5,000 messages: each acked once, no two live leases overlap."""
+    handler = script(tmp_path, "ok.sh", "cat >/dev/null\n")
+    async with servers[0].client() as http:
+        queue = await create_queue(http)
+        for start in range(0, 5000, 1000):
+            items = [{"body": n} for n in range(start, start + 1000)]
+            response = await http.post(f"/api/v1/queues/{queue}/messages/batch", json={"items": items})
+            assert response.status_code == 201
+        workers = [
+            pombo(
+                servers[i % len(servers)],
+                "work",
+                queue,
+                "--concurrency",
+                "4",
+                "--",
+                handler,
+                stderr=subprocess.DEVNULL,
+            )
+            for i in range(4)
+        ]
+        try:
+
+            async def drained() -> bool:
+                queue_state = (await http.get(f"/api/v1/queues/{queue}")).json()
+                return bool(queue_state["messages"]["done"] == 5000)
+
+            await wait_until(drained, timeout=240)
+        finally:
+            for worker in workers:
+                worker.send_signal(signal.SIGTERM)
+            for worker in workers:
+                worker.wait(20)
+        log = await whole_log(http, queue)
+    check_leases(log)
+
+
+async def whole_log(http: httpx.AsyncClient, queue: str) -> list[dict[str, Any]]:
+    log: list[dict[str, Any]] = []
+    while True:
+        page = (
+            await http.get(f"/api/v1/queues/{queue}/events", params={"after": len(log), "limit": 200})
+        ).json()
+        log += page["items"]
+        if not page["has_more"]:
+            return log
+
+
+def check_leases(log: list[dict[str, Any]]) -> None:
+    by_message: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for event in log:
+        if event["type"].startswith("message."):
+            by_message[event["data"]["id"]].append(event)
+    assert len(by_message) == 5000
+    for history in by_message.values():
+        assert [e["type"] for e in history].count("message.acked") == 1
+        lease_until: datetime | None = None
+        for event in history:
+            at = datetime.fromisoformat(event["at"])
+            if event["type"] == "message.claimed":
+                assert lease_until is None or at >= lease_until, "a claim overlapped a live lease"
+            if event["type"] in ("message.claimed", "message.extended"):
+                lease_until = datetime.fromisoformat(event["data"]["lease_expires_at"])
+            elif event["type"] in ("message.acked", "message.retrying", "message.released", "message.dead"):
+                lease_until = None
+
+
+@pytest.mark.timeout(300)
+async def test_four_workers_drain_5000_messages_on_the_embedded_default(
+    make_server: Any, tmp_path: Path
+) -> None:
+    await drain_5000([make_server().start()], tmp_path)
+
+
+@pytest.mark.timeout(300)
+async def test_four_workers_drain_5000_messages_across_two_replicas(
+    make_server: Any, pg_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    prefix = unique("test")
+    servers = [
+        make_server(database_url=pg_url, redis_url=redis_url, redis_prefix=prefix).start() for _ in range(2)
+    ]
+    await drain_5000(servers, tmp_path)
