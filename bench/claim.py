@@ -72,6 +72,8 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=1, help="max messages per claim")
     result = asyncio.run(main(parser.parse_args()))
     print(
-        f"claim+ack  workers={result['workers']}  batch={result['batch']}  {result['messages']} messages in {result['seconds']} s  = {result['per_second']}/s"
+        "claim+ack  workers={workers}  batch={batch}  {messages} in {seconds} s = {per_second}/s".format(
+            **result
+        )
     )
     print(json.dumps(result))
