@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 
 import asyncpg
 from tortoise import Tortoise
@@ -18,13 +20,32 @@ MIGRATION_LOCK = 0x706F6D626F
 REPLICA_LOCK = 0x706F6D6270
 
 
+def prepare_storage(settings: Settings) -> None:
+    """Create the data dir, and prove the SQLite file can be opened, or say which setting is wrong."""
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SettingsError(
+            f"invalid setting POMBO_DATA_DIR: cannot create {settings.data_dir}: {error.strerror}"
+        ) from None
+    path = settings.database.removeprefix("sqlite://").split("?")[0]
+    if not settings.is_sqlite or path == ":memory:":
+        return
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        sqlite3.connect(path).close()
+    except (OSError, sqlite3.Error) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise SettingsError(f"invalid setting POMBO_DATABASE_URL: cannot open {path}: {reason}") from None
+
+
 @contextmanager
 def single_process(settings: Settings) -> Iterator[None]:
     """SQLite serves one process: a second one on the same data dir refuses to start."""
+    prepare_storage(settings)
     if not settings.is_sqlite:
         yield
         return
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(settings.data_dir / "pombo.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -42,7 +63,7 @@ def single_process(settings: Settings) -> Iterator[None]:
 
 async def apply_migrations(settings: Settings) -> None:
     """Bring the schema up to date; replicas starting together take turns."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_storage(settings)
     async with _migration_lock(settings):
         try:
             await migrate(config=tortoise_config(settings))

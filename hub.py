@@ -57,7 +57,7 @@ class Hub:
 
     async def create_queue(self, spec: QueueCreate, owner: str) -> QueueOut:
         async def create(tx: Tx) -> QueueOut:
-            existing = await Queue.filter(name=spec.name).using_db(tx.conn).first()
+            existing = await queue_in(tx, spec.name)
             if existing is not None:
                 code = "queue_deleted" if existing.deleted_at else "queue_exists"
                 raise conflict(code, f"queue {spec.name!r} already exists", queue=spec.name)
@@ -85,7 +85,7 @@ class Hub:
 
     async def _set_deleted(self, name: str, deleted: bool) -> QueueOut:
         async def change(tx: Tx) -> QueueOut:
-            queue = await Queue.filter(name=name).using_db(tx.conn).first()
+            queue = await queue_in(tx, name)
             if queue is None or (queue.deleted_at is None) != deleted:
                 raise not_found("queue", name)
             queue.deleted_at = tx.now if deleted else None
@@ -223,6 +223,7 @@ async def _create_queue(tx: Tx, spec: QueueCreate, owner: str) -> Queue:
     fields = spec.model_dump()
     queue = await Queue.create(using_db=tx.conn, owner=owner, created_at=tx.now, updated_at=tx.now, **fields)
     await EventLog.create(using_db=tx.conn, name=queue_log(queue.name), last_seq=0)
+    tx.queues[queue.name] = queue
     tx.emit(queue_log(queue.name), "queue.created", QueueOut.of(queue).model_dump_json())
     return queue
 
@@ -234,8 +235,18 @@ async def _emit_queue(tx: Tx, queue: Queue, event: str) -> QueueOut:
     return resource
 
 
+async def queue_in(tx: Tx, name: str) -> Queue | None:
+    """The queue row, read once per transaction: a group of publishes to one queue reads it once."""
+    if name not in tx.queues:
+        queue = await Queue.filter(name=name).using_db(tx.conn).first()
+        if queue is None:
+            return None
+        tx.queues[name] = queue
+    return tx.queues[name]
+
+
 async def live_queue_in(tx: Tx, name: str, create_for: str | None = None) -> Queue:
-    queue = await Queue.filter(name=name).using_db(tx.conn).first()
+    queue = await queue_in(tx, name)
     if queue is not None and queue.deleted_at is None:
         return queue
     if queue is None and create_for is not None:

@@ -63,7 +63,10 @@ def create_app(settings: Settings) -> FastAPI:
         title="Pombo", version="0.1.0", lifespan=_lifespan, description="A small, self-hosted message hub."
     )
     app.state.settings = settings
-    app.state.anonymous = anonymous(settings.anonymous_scopes)
+    try:
+        app.state.anonymous = anonymous(settings.anonymous_scopes)
+    except ValueError as error:
+        raise SettingsError(f"invalid setting POMBO_ANONYMOUS_SCOPES: {error}") from None
     install_error_handlers(app)
     for module in (api_system, api_queues, api_messages, api_consume):
         app.include_router(module.router)
@@ -249,6 +252,8 @@ def run(argv: Sequence[str]) -> int:
         if args.command == "token":
             configure_logging(settings.json_logs, level="WARNING")
             scopes, ttl = parse_scopes(args.scope), timedelta(seconds=parse_duration(args.ttl))
+            if ttl <= timedelta(0):
+                raise ValueError(f"--ttl must be more than zero, not {args.ttl!r}")
             print(asyncio.run(_mint(settings, args.sub, scopes, ttl)))
             return 0
         configure_logging(settings.json_logs)

@@ -126,7 +126,8 @@ def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
     if not first["loc"]:
         return f"invalid settings: {first['msg'].removeprefix('Value error, ')}"
-    return f"invalid setting {ENV_PREFIX}{str(first['loc'][0]).upper()}: {first['msg']}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"invalid setting {ENV_PREFIX}{str(first['loc'][0]).upper()}: {message}"
 
 
 def tortoise_config(settings: Settings) -> dict[str, Any]:

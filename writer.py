@@ -24,7 +24,7 @@ from tortoise.transactions import in_transaction
 
 from broker import Broker
 from errors import ApiError, unavailable
-from models import Event, utcnow
+from models import Event, Queue, utcnow
 from schemas import Update, utc_text
 
 T = TypeVar("T")
@@ -44,6 +44,7 @@ class Tx:
     conn: BaseDBAsyncClient
     now: datetime
     emitted: list[_Pending] = field(default_factory=list)
+    queues: dict[str, Queue] = field(default_factory=dict)
 
     def emit(self, log: str, type_: str, data: str) -> None:
         self.emitted.append(_Pending(log, type_, data))

@@ -284,13 +284,7 @@ def cli_refusals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[in
 
 @pytest.mark.parametrize(
     "case",
-    [
-        *(case for case in BAD_CLI_ARGS if case != "ttl-zero"),
-        pytest.param(
-            "ttl-zero",
-            marks=pytest.mark.xfail(strict=True, reason="`--ttl 0` prints an already-expired token, exit 0"),
-        ),
-    ],
+    list(BAD_CLI_ARGS),
 )
 def test_cli_refuses_a_bad_scope_or_ttl_in_one_line(
     cli_refusals: dict[str, tuple[int, str, str]], case: str

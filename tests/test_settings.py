@@ -50,11 +50,7 @@ BAD_STARTS: dict[str, tuple[dict[str, str], str]] = {
     "data-dir-is-a-file": ({}, "POMBO_DATA_DIR"),
     "sqlite-path-impossible": ({}, "POMBO_DATABASE_URL"),
 }
-KNOWN_BUGS = {
-    "bad-anonymous-scope": "the line says `unknown scope 'read:*'` but not which setting holds it",
-    "data-dir-is-a-file": "a FileExistsError traceback, exit status 1",
-    "sqlite-path-impossible": "the start hangs at 'Waiting for application startup', ignoring SIGTERM",
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")

@@ -182,7 +182,7 @@ async def test_stream_ends_when_its_token_expires(server: Server, client: httpx.
     async with Listener(stream_url(server, queue), params={"access_token": token}, headers={}) as listener:
         events = await listener.wait_for(1, timeout=10, event="stream.expired")
         assert (events and listener.finished) or await _finishes(listener)
-    assert 0.5 < time.monotonic() - started < 5
+    assert 0.5 < time.monotonic() - started < 8
 
 
 async def _finishes(listener: Listener) -> bool:
