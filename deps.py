@@ -17,17 +17,17 @@ from settings import Settings
 _bearer = HTTPBearer(auto_error=False, description="a token from `python main.py token`")
 
 
-def _hub(request: Request) -> Hub:
+async def _hub(request: Request) -> Hub:
     hub: Hub = request.app.state.hub
     return hub
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def _principal(
+async def _principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     access_token: Annotated[
@@ -44,18 +44,20 @@ def _principal(
     return anonymous
 
 
-def _window(
+async def _window(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> Window:
     return Window(limit, offset)
 
 
-def _leases(request: Request) -> Leases:
+async def _leases(request: Request) -> Leases:
     leases: Leases = request.app.state.leases
     return leases
 
 
+# Dependencies are `async def` although they never await: FastAPI runs plain `def` ones in a
+# thread pool, a thread hop per request each.
 HubDep = Annotated[Hub, Depends(_hub)]
 LeasesDep = Annotated[Leases, Depends(_leases)]
 SettingsDep = Annotated[Settings, Depends(_settings)]

@@ -110,7 +110,7 @@ async def _claim(name: str, request: Claim, tx: Tx) -> tuple[list[ClaimedMessage
     queue = await live_queue_in(tx, name)
     # Expired leases come back through the sweeper (every `sweep_seconds`), not on this hot path.
     query = Message.filter(queue_id=queue.id, status=MessageStatus.pending, available_at__lte=tx.now)
-    query = query.order_by("-priority", "created_at", "id").limit(request.max)
+    query = query.order_by("priority", "id").limit(request.max)
     rows = await (query if tx.is_sqlite else query.select_for_update(skip_locked=True)).using_db(tx.conn)
     if not rows:
         return [], await _next_available(tx, queue)
@@ -139,9 +139,14 @@ async def _claim(name: str, request: Claim, tx: Tx) -> tuple[list[ClaimedMessage
 
 
 async def _next_available(tx: Tx, queue: Queue) -> datetime | None:
-    """When a delayed, backed-off or leased message will next be claimable."""
+    """When a delayed, backed-off or leased message will next be claimable.
+
+    A lease that has already expired is left out: the sweeper releases it, and its
+    `message.released` wakes the claim, which would otherwise spin until then.
+    """
     pending = Message.filter(queue_id=queue.id, status=MessageStatus.pending).using_db(tx.conn)
-    leased = Message.filter(queue_id=queue.id, status=MessageStatus.processing).using_db(tx.conn)
+    leased = Message.filter(queue_id=queue.id, status=MessageStatus.processing, lease_expires_at__gt=tx.now)
+    leased = leased.using_db(tx.conn)
     soonest: list[datetime] = []
     for query, column in ((pending, "available_at"), (leased, "lease_expires_at")):
         row = await query.order_by(column).only("id", column).first()

@@ -35,12 +35,12 @@ def new_id() -> str:
 
 
 class Priority(IntEnum):
-    """Stored as a number so claims can order by it; spoken as a name."""
+    """Stored as a number so that claims take messages in index order: most urgent, then oldest."""
 
-    low = 0
-    normal = 1
-    high = 2
-    urgent = 3
+    urgent = 0
+    high = 1
+    normal = 2
+    low = 3
 
 
 class MessageStatus(StrEnum):
@@ -97,7 +97,8 @@ class Message(Model):
         table = "messages"
         unique_together = (("queue", "idempotency_key"),)
         indexes = (
-            Index(fields=("queue_id", "status", "priority", "available_at")),
+            # Claims walk this index in order: (priority, id) is "most urgent, then oldest".
+            Index(fields=("queue_id", "status", "priority", "id")),
             Index(fields=("queue_id", "created_at")),
         )
 

@@ -60,7 +60,7 @@ class Migration(migrations.Migration):
                 ('body', fields.TextField(unique=False)),
                 ('content_type', fields.CharField(max_length=255)),
                 ('type', fields.CharField(default='', max_length=64)),
-                ('priority', fields.IntEnumField(default=Priority.normal, description='low: 0\nnormal: 1\nhigh: 2\nurgent: 3', enum_type=Priority, generated=False)),
+                ('priority', fields.IntEnumField(default=Priority.normal, description='urgent: 0\nhigh: 1\nnormal: 2\nlow: 3', enum_type=Priority, generated=False)),
                 ('headers', fields.JSONField(default=dict, encoder=functools.partial(dumps, separators=(',', ':')), decoder=loads)),
                 ('status', fields.CharEnumField(default=MessageStatus.pending, description='pending: pending\nprocessing: processing\ndone: done\ndead: dead', enum_type=MessageStatus, max_length=16)),
                 ('idempotency_key', fields.CharField(null=True, max_length=255)),
@@ -73,7 +73,7 @@ class Migration(migrations.Migration):
                 ('updated_at', fields.DatetimeField(auto_now=False, auto_now_add=False)),
                 ('finished_at', fields.DatetimeField(null=True, auto_now=False, auto_now_add=False)),
             ],
-            options={'table': 'messages', 'app': 'pombo', 'unique_together': (('queue', 'idempotency_key'),), 'indexes': [Index(fields=['queue_id', 'status', 'priority', 'available_at']), Index(fields=['queue_id', 'created_at'])], 'pk_attr': 'id'},
+            options={'table': 'messages', 'app': 'pombo', 'unique_together': (('queue', 'idempotency_key'),), 'indexes': [Index(fields=['queue_id', 'status', 'priority', 'id']), Index(fields=['queue_id', 'created_at'])], 'pk_attr': 'id'},
             bases=['Model'],
         ),
         ops.CreateModel(

@@ -567,12 +567,6 @@ def cpu_seconds(server: Server) -> float:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads CPU time from /proc")
-@pytest.mark.xfail(
-    strict=True,
-    reason="leases.py: since claims stopped releasing expired leases (commit 639d055), _next_available "
-    "still returns the past lease_expires_at, so _seconds_until gives 1 ms and a waiting claim re-runs "
-    "_claim through the writer in a tight loop until the sweeper releases the lease",
-)
 async def test_a_waiting_claim_does_not_spin_while_an_expired_lease_awaits_the_sweeper(
     make_server: Any,
 ) -> None:
