@@ -110,12 +110,8 @@ async def concurrent_publishers(server: Server) -> None:
         assert [b["n"] for b in bodies if b["p"] == p] == list(range(250))
 
 
-async def test_concurrent_publishers_on_sqlite(server: Server) -> None:
+async def test_concurrent_publishers_keep_one_contiguous_run(server: Server) -> None:
     await concurrent_publishers(server)
-
-
-async def test_concurrent_publishers_on_postgres(make_server: Any, pg_url: str) -> None:
-    await concurrent_publishers(make_server(database_url=pg_url).start())
 
 
 async def test_types_filter(server: Server, client: httpx.AsyncClient) -> None:
