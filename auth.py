@@ -58,6 +58,11 @@ class Principal:
         if not self.can(action, queue):
             raise forbidden(f"{action}:{queue}")
 
+    def require_scope(self, scope: str) -> None:
+        """A scope that names no queue, such as `notify`."""
+        if not (self.is_admin or scope in self.scopes):
+            raise forbidden(scope)
+
 
 @dataclass(frozen=True)
 class MintedToken:

@@ -12,6 +12,7 @@ from errors import unauthorized
 from hub import Hub, Window
 from leases import Leases
 from models import QUEUE_NAME_PATTERN
+from notifications import Notifications
 from settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="a token from `python main.py token`")
@@ -58,7 +59,13 @@ async def _leases(request: Request) -> Leases:
 
 # Dependencies are `async def` although they never await: FastAPI runs plain `def` ones in a
 # thread pool, a thread hop per request each.
+async def _notifications(request: Request) -> Notifications:
+    notifications: Notifications = request.app.state.notifications
+    return notifications
+
+
 HubDep = Annotated[Hub, Depends(_hub)]
+NotificationsDep = Annotated[Notifications, Depends(_notifications)]
 LeasesDep = Annotated[Leases, Depends(_leases)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 CurrentPrincipal = Annotated[Principal, Depends(_principal)]

@@ -21,6 +21,7 @@ from broker import Broker, Subscriber
 from errors import conflict, not_found, validation_error
 from hub import emit_message, live_queue_in, queue_log
 from models import Message, MessageStatus, Queue, new_id
+from notifications import dead_letter_alert, notify_owner
 from schemas import ClaimedMessage, MessageOut
 from writer import Tx, Writer
 
@@ -208,6 +209,7 @@ async def _requeue(tx: Tx, queue: Queue, message: Message, available_at: datetim
 async def _bury(tx: Tx, queue: Queue, message: Message) -> MessageOut:
     message.status, message.finished_at, message.updated_at = MessageStatus.dead, tx.now, tx.now
     await message.save(using_db=tx.conn, update_fields=["status", "finished_at", "updated_at", "last_error"])
+    await notify_owner(tx, queue, dead_letter_alert(queue, message))
     return emit_message(tx, message, queue.name, "message.dead")
 
 

@@ -31,6 +31,7 @@ from tortoise.contrib.fastapi import RegisterTortoise
 
 import api_consume
 import api_messages
+import api_notifications
 import api_queues
 import api_system
 from auth import (
@@ -48,6 +49,7 @@ from database import apply_migrations, replicas_share_a_broker, single_process
 from errors import install_error_handlers
 from hub import Hub
 from leases import Leases
+from notifications import Notifications
 from observability import RequestContext, configure_logging
 from schemas import parse_duration
 from settings import Settings, SettingsError, load_settings, tortoise_config
@@ -68,7 +70,7 @@ def create_app(settings: Settings) -> FastAPI:
     except ValueError as error:
         raise SettingsError(f"invalid setting POMBO_ANONYMOUS_SCOPES: {error}") from None
     install_error_handlers(app)
-    for module in (api_system, api_queues, api_messages, api_consume):
+    for module in (api_system, api_queues, api_messages, api_consume, api_notifications):
         app.include_router(module.router)
     app.add_middleware(RequestContext)
     return app
@@ -104,7 +106,8 @@ async def _running_hub(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     writer.start()
     app.state.hub = Hub(settings, writer, broker)
     app.state.leases = Leases(writer, broker)
-    sweeper = Sweeper(app.state.hub, app.state.leases, settings)
+    app.state.notifications = Notifications(writer)
+    sweeper = Sweeper(app.state.hub, app.state.leases, app.state.notifications, settings)
     sweeper.start()
     try:
         yield

@@ -61,6 +61,11 @@ class Queue(Model):
     backoff_max = fields.FloatField(default=300.0)
     # Zero keeps messages forever.
     retention_seconds = fields.IntField(default=14 * 24 * 3600)
+    # The owner is told when the oldest pending message is older than this (null: never),
+    # once per episode: `alert_active` remembers that this backlog was already announced.
+    alert_after = fields.IntField(null=True)
+    alert_active = fields.BooleanField(default=False)
+    dead_letter_urgent = fields.BooleanField(default=False)
     # Set by the hub to its transaction's time, so they match the event that tells of them.
     created_at = fields.DatetimeField()
     updated_at = fields.DatetimeField()
@@ -106,7 +111,7 @@ class Message(Model):
 # One row per ordered log: bumping last_seq inside a transaction orders its commits.
 # (No docstrings on models: Tortoise turns them into SQL table comments.)
 class EventLog(Model):
-    name = fields.CharField(max_length=80, primary_key=True)
+    name = fields.CharField(max_length=300, primary_key=True)
     last_seq = fields.BigIntField(default=0)
 
     class Meta:
@@ -115,7 +120,7 @@ class EventLog(Model):
 
 class Event(Model):
     id = fields.BigIntField(primary_key=True)
-    log = fields.CharField(max_length=80)
+    log = fields.CharField(max_length=300)
     seq = fields.BigIntField()
     type = fields.CharField(max_length=40)
     # Stored encoded: replay sends it as is, never re-encoding.
@@ -126,6 +131,39 @@ class Event(Model):
         table = "events"
         unique_together = (("log", "seq"),)
         indexes = (Index(fields=("at",)),)
+
+
+class NotificationPriority(IntEnum):
+    """Most urgent first, like message priorities, so lists sort by index order."""
+
+    urgent = 0
+    high = 1
+    medium = 2
+    low = 3
+
+
+class Notification(Model):
+    id = fields.CharField(max_length=36, primary_key=True)
+    recipient = fields.CharField(max_length=255)
+    type = fields.CharField(max_length=64)
+    priority = fields.IntEnumField(NotificationPriority, default=NotificationPriority.medium)
+    title = fields.CharField(max_length=200)
+    message = fields.TextField(default="")
+    queue = fields.CharField(max_length=64, null=True)
+    message_id = fields.CharField(max_length=36, null=True)
+    action_url = fields.CharField(max_length=2000, null=True)
+    is_read = fields.BooleanField(default=False)
+    read_at = fields.DatetimeField(null=True)
+    created_at = fields.DatetimeField()
+    expires_at = fields.DatetimeField(null=True)
+
+    class Meta:
+        table = "notifications"
+        indexes = (
+            Index(fields=("recipient", "is_read", "id")),
+            Index(fields=("recipient", "id")),
+            Index(fields=("expires_at",)),
+        )
 
 
 class Token(Model):

@@ -10,7 +10,15 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from models import QUEUE_NAME_PATTERN, Message, MessageStatus, Priority, Queue
+from models import (
+    QUEUE_NAME_PATTERN,
+    Message,
+    MessageStatus,
+    Notification,
+    NotificationPriority,
+    Priority,
+    Queue,
+)
 
 PriorityName = Literal["low", "normal", "high", "urgent"]
 TYPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$"
@@ -34,6 +42,8 @@ class Strict(BaseModel):
 
 class QueueSettings(Strict):
     description: str = Field(default="", max_length=2000)
+    alert_after: int | None = Field(default=None, gt=0, description="tell the owner when a backlog is older")
+    dead_letter_urgent: bool = Field(default=False, description="dead-letter notifications are urgent")
     visibility_timeout: float = Field(default=30.0, gt=0, le=12 * 3600)
     max_attempts: int = Field(default=5, ge=1, le=1000)
     backoff_base: float = Field(default=1.0, ge=0, le=3600)
@@ -52,6 +62,8 @@ class QueueUpdate(Strict):
     backoff_base: float | None = Field(default=None, ge=0, le=3600)
     backoff_max: float | None = Field(default=None, ge=0, le=7 * 86400)
     retention_seconds: int | None = Field(default=None, ge=0)
+    alert_after: int | None = Field(default=None, gt=0)
+    dead_letter_urgent: bool | None = None
 
 
 class QueueOut(QueueSettings):
@@ -74,6 +86,8 @@ class QueueOut(QueueSettings):
             backoff_base=queue.backoff_base,
             backoff_max=queue.backoff_max,
             retention_seconds=queue.retention_seconds,
+            alert_after=queue.alert_after,
+            dead_letter_urgent=queue.dead_letter_urgent,
             created_at=queue.created_at,
             updated_at=queue.updated_at,
             deleted_at=queue.deleted_at,
@@ -213,6 +227,75 @@ class Items(BaseModel, Generic[T]):
     items: list[T]
 
 
+NotificationPriorityName = Literal["low", "medium", "high", "urgent"]
+# A relative path or an http(s) URL: never `javascript:` in a link a person clicks.
+ACTION_URL_PATTERN = r"^(/[^\s]*|https?://[^\s]+)$"
+
+
+class NotificationCreate(Strict):
+    recipients: list[str] = Field(min_length=1, max_length=1000)
+    type: str = Field(pattern=TYPE_PATTERN)
+    priority: NotificationPriorityName = "medium"
+    title: str = Field(min_length=1, max_length=200)
+    message: str = Field(default="", max_length=10_000)
+    action_url: str | None = Field(default=None, max_length=2000, pattern=ACTION_URL_PATTERN)
+    expires_at: AwareDatetime | None = None
+    queue: str | None = Field(default=None, pattern=QUEUE_NAME_PATTERN)
+    message_id: str | None = Field(default=None, max_length=36)
+
+
+class NotificationPatch(Strict):
+    is_read: bool
+
+
+class NotificationOut(BaseModel):
+    id: str
+    recipient: str
+    type: str
+    priority: NotificationPriorityName
+    title: str
+    message: str
+    queue: str | None
+    message_id: str | None
+    action_url: str | None
+    is_read: bool
+    read_at: datetime | None
+    created_at: datetime
+    expires_at: datetime | None
+    deleted_at: datetime | None = None
+
+    @classmethod
+    def of(cls, row: Notification, deleted_at: datetime | None = None) -> NotificationOut:
+        return cls(
+            id=row.id,
+            recipient=row.recipient,
+            type=row.type,
+            priority=NotificationPriority(row.priority).name,
+            title=row.title,
+            message=row.message,
+            queue=row.queue,
+            message_id=row.message_id,
+            action_url=row.action_url,
+            is_read=row.is_read,
+            read_at=row.read_at,
+            created_at=row.created_at,
+            expires_at=row.expires_at,
+            deleted_at=deleted_at,
+        )
+
+
+class NotificationStats(BaseModel):
+    total: int
+    unread: int
+    urgent_count: int = Field(description="unread urgent notifications")
+    by_type: dict[str, int]
+    by_priority: dict[str, int]
+
+
+class Changed(BaseModel):
+    changed: int
+
+
 class EventOut(BaseModel):
     seq: int
     type: str
@@ -226,6 +309,10 @@ class Page(BaseModel, Generic[T]):
     limit: int
     offset: int
     has_more: bool
+
+
+class NotificationPage(Page[NotificationOut]):
+    unread_count: int
 
 
 class Me(BaseModel):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -48,6 +48,10 @@ def resume_cursor(header: str | None, query: int | None) -> int | None:
     return query
 
 
+# A frame outside the log, sent on connect and after each batch of events (e.g. `unread_count`).
+SideFrame = Callable[[], Awaitable[bytes]]
+
+
 @dataclass(frozen=True)
 class StreamSpec:
     log: str
@@ -56,6 +60,7 @@ class StreamSpec:
     lifetime: float
     retry_ms: int
     token_expires_at: datetime | None = None
+    side_frame: SideFrame | None = None
 
 
 class LogStream:
@@ -72,6 +77,8 @@ class LogStream:
             yield reset
         async for chunk in self._replay():
             yield chunk
+        if self._spec.side_frame is not None:
+            yield await self._spec.side_frame()
         async for chunk in self._live():
             yield chunk
 
@@ -108,8 +115,12 @@ class LogStream:
             while time.monotonic() < deadline:
                 await subscriber.wakeup.wait()
                 subscriber.wakeup.clear()
+                sent = False
                 async for chunk in self._drain():
+                    sent = True
                     yield chunk
+                if sent and self._spec.side_frame is not None:
+                    yield await self._spec.side_frame()
         finally:
             timer.cancel()
         if self._token_expired():

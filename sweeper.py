@@ -13,6 +13,7 @@ from loguru import logger
 
 from hub import Hub
 from leases import Leases
+from notifications import Notifications
 from settings import Settings
 
 LEASES_PER_TICK = 500
@@ -21,9 +22,10 @@ EVENTS_PER_TICK = 5000
 
 
 class Sweeper:
-    def __init__(self, hub: Hub, leases: Leases, settings: Settings) -> None:
+    def __init__(self, hub: Hub, leases: Leases, notifications: Notifications, settings: Settings) -> None:
         self._hub = hub
         self._leases = leases
+        self._notifications = notifications
         self._settings = settings
         self._task: asyncio.Task[None] | None = None
 
@@ -41,6 +43,7 @@ class Sweeper:
             await asyncio.sleep(self._settings.sweep_seconds)
             try:
                 await self._leases.release_expired(LEASES_PER_TICK)
+                await self._notifications.check_backlogs()
                 if time.monotonic() >= next_retention:
                     next_retention = time.monotonic() + self._settings.retention_sweep_seconds
                     await self._retention()
@@ -49,8 +52,11 @@ class Sweeper:
 
     async def _retention(self) -> None:
         expired = await self._hub.expire_messages(MESSAGES_PER_TICK)
+        expired += await self._notifications.remove_expired(MESSAGES_PER_TICK)
         trimmed = 0
         if self._settings.event_retention_seconds > 0:
             trimmed = await self._hub.trim_logs(self._settings.event_retention_seconds, EVENTS_PER_TICK)
         if expired or trimmed:
-            logger.info("retention: {} messages expired, {} events trimmed", expired, trimmed)
+            logger.info(
+                "retention: {} messages and notifications expired, {} events trimmed", expired, trimmed
+            )

@@ -2,7 +2,7 @@ from tortoise import migrations
 from tortoise.migrations import operations as ops
 import functools
 from json import dumps, loads
-from models import MessageStatus, Priority
+from models import MessageStatus, NotificationPriority, Priority
 from tortoise.fields.base import OnDelete
 from tortoise import fields
 from tortoise.indexes import Index
@@ -15,7 +15,7 @@ class Migration(migrations.Migration):
             name='Event',
             fields=[
                 ('id', fields.BigIntField(generated=True, primary_key=True, unique=True, db_index=True)),
-                ('log', fields.CharField(max_length=80)),
+                ('log', fields.CharField(max_length=300)),
                 ('seq', fields.BigIntField()),
                 ('type', fields.CharField(max_length=40)),
                 ('data', fields.TextField(unique=False)),
@@ -27,10 +27,30 @@ class Migration(migrations.Migration):
         ops.CreateModel(
             name='EventLog',
             fields=[
-                ('name', fields.CharField(primary_key=True, unique=True, db_index=True, max_length=80)),
+                ('name', fields.CharField(primary_key=True, unique=True, db_index=True, max_length=300)),
                 ('last_seq', fields.BigIntField(default=0)),
             ],
             options={'table': 'event_logs', 'app': 'pombo', 'pk_attr': 'name'},
+            bases=['Model'],
+        ),
+        ops.CreateModel(
+            name='Notification',
+            fields=[
+                ('id', fields.CharField(primary_key=True, unique=True, db_index=True, max_length=36)),
+                ('recipient', fields.CharField(max_length=255)),
+                ('type', fields.CharField(max_length=64)),
+                ('priority', fields.IntEnumField(default=NotificationPriority.medium, description='urgent: 0\nhigh: 1\nmedium: 2\nlow: 3', enum_type=NotificationPriority, generated=False)),
+                ('title', fields.CharField(max_length=200)),
+                ('message', fields.TextField(default='', unique=False)),
+                ('queue', fields.CharField(null=True, max_length=64)),
+                ('message_id', fields.CharField(null=True, max_length=36)),
+                ('action_url', fields.CharField(null=True, max_length=2000)),
+                ('is_read', fields.BooleanField(default=False)),
+                ('read_at', fields.DatetimeField(null=True, auto_now=False, auto_now_add=False)),
+                ('created_at', fields.DatetimeField(auto_now=False, auto_now_add=False)),
+                ('expires_at', fields.DatetimeField(null=True, auto_now=False, auto_now_add=False)),
+            ],
+            options={'table': 'notifications', 'app': 'pombo', 'indexes': [Index(fields=['recipient', 'is_read', 'id']), Index(fields=['recipient', 'id']), Index(fields=['expires_at'])], 'pk_attr': 'id'},
             bases=['Model'],
         ),
         ops.CreateModel(
@@ -45,6 +65,9 @@ class Migration(migrations.Migration):
                 ('backoff_base', fields.FloatField(default=1.0)),
                 ('backoff_max', fields.FloatField(default=300.0)),
                 ('retention_seconds', fields.IntField(default=1209600)),
+                ('alert_after', fields.IntField(null=True)),
+                ('alert_active', fields.BooleanField(default=False)),
+                ('dead_letter_urgent', fields.BooleanField(default=False)),
                 ('created_at', fields.DatetimeField(auto_now=False, auto_now_add=False)),
                 ('updated_at', fields.DatetimeField(auto_now=False, auto_now_add=False)),
                 ('deleted_at', fields.DatetimeField(null=True, auto_now=False, auto_now_add=False)),

@@ -192,7 +192,7 @@ def unique(prefix: str = "q") -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 
 
-TABLES = ("queues", "messages", "events", "event_logs")
+TABLES = ("queues", "messages", "events", "event_logs", "notifications")
 
 
 async def sql(server: Server, query: str, *args: Any) -> list[tuple[Any, ...]]:

@@ -21,7 +21,7 @@ import pytest
 from conftest import PG_ADMIN_URL, ROOT, SECRET, need_service
 
 BOOKKEEPING = "tortoise_migrations"
-TABLES = ("queues", "messages", "events", "event_logs", "tokens")
+TABLES = ("queues", "messages", "events", "event_logs", "notifications", "tokens")
 MIGRATION_FILES = sorted(p.stem for p in (ROOT / "migrations").glob("[0-9]*.py"))
 
 # The schema Tortoise derives from models.py, on whatever database the settings name.

@@ -1,0 +1,119 @@
+"""Routes for a person's notifications: read, count, mark, delete, stream; create for services."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import JSONResponse
+
+from deps import CurrentPrincipal, HubDep, NotificationsDep, SettingsDep, WindowDep
+from models import NotificationPriority
+from notifications import NotificationFilter, user_log
+from schemas import (
+    Changed,
+    Items,
+    NotificationCreate,
+    NotificationOut,
+    NotificationPage,
+    NotificationPatch,
+    NotificationPriorityName,
+    NotificationStats,
+)
+from streams import StreamResponse, StreamSpec, control_frame, open_stream, resume_cursor
+
+router = APIRouter(prefix="/api/v1/notifications", tags=["notifications"])
+
+
+@router.get("")
+async def list_notifications(
+    notifications: NotificationsDep,
+    principal: CurrentPrincipal,
+    window: WindowDep,
+    unread_only: bool = False,
+    priority: NotificationPriorityName | None = None,
+    type: Annotated[str | None, Query(max_length=64)] = None,
+) -> NotificationPage:
+    """The caller's own notifications, newest first."""
+    where = NotificationFilter(unread_only, NotificationPriority[priority] if priority else None, type)
+    items, total = await notifications.list(principal.subject, where, window.limit, window.offset)
+    unread = await notifications.unread_count(principal.subject)
+    more = window.offset + len(items) < total
+    return NotificationPage(
+        items=items, total=total, limit=window.limit, offset=window.offset, has_more=more, unread_count=unread
+    )
+
+
+@router.get("/unread-count")
+async def unread_count(notifications: NotificationsDep, principal: CurrentPrincipal) -> dict[str, int]:
+    return {"unread_count": await notifications.unread_count(principal.subject)}
+
+
+@router.get("/stats")
+async def stats(notifications: NotificationsDep, principal: CurrentPrincipal) -> NotificationStats:
+    return await notifications.stats(principal.subject)
+
+
+@router.post("/mark-all-read")
+async def mark_all_read(notifications: NotificationsDep, principal: CurrentPrincipal) -> Changed:
+    return Changed(changed=await notifications.mark_all_read(principal.subject))
+
+
+@router.post("", status_code=201)
+async def create_notifications(
+    spec: NotificationCreate, notifications: NotificationsDep, principal: CurrentPrincipal
+) -> Items[NotificationOut]:
+    """For admins and services (scope `notify`): one notification per recipient."""
+    principal.require_scope("notify")
+    return Items(items=await notifications.create(spec))
+
+
+@router.get(
+    "/stream",
+    response_class=JSONResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "the caller's notifications as SSE"}
+    },
+)
+async def stream_notifications(
+    hub: HubDep,
+    notifications: NotificationsDep,
+    settings: SettingsDep,
+    principal: CurrentPrincipal,
+    last_event_id: Annotated[int | None, Query(ge=0, description="resume after this sequence")] = None,
+    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> StreamResponse:
+    """`notification.created|read|deleted` with ids, and `unread_count` on connect and after changes."""
+
+    async def unread() -> bytes:
+        return control_frame(
+            "unread_count", {"unread_count": await notifications.unread_count(principal.subject)}
+        )
+
+    spec = StreamSpec(
+        log=user_log(principal.subject),
+        cursor=resume_cursor(last_event_id_header, last_event_id),
+        types=None,
+        lifetime=settings.stream_lifetime_seconds,
+        retry_ms=settings.retry_ms,
+        token_expires_at=principal.expires_at,
+        side_frame=unread,
+    )
+    return open_stream(hub, spec, settings.heartbeat_seconds, settings.subscriber_buffer)
+
+
+@router.patch("/{notification_id}")
+async def mark(
+    notification_id: str,
+    patch: NotificationPatch,
+    notifications: NotificationsDep,
+    principal: CurrentPrincipal,
+) -> NotificationOut:
+    return await notifications.set_read(principal.subject, notification_id, patch.is_read)
+
+
+@router.delete("/{notification_id}")
+async def delete(
+    notification_id: str, notifications: NotificationsDep, principal: CurrentPrincipal
+) -> NotificationOut:
+    return await notifications.delete(principal.subject, notification_id)

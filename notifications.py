@@ -1,0 +1,248 @@
+"""Notifications: what needs a person, in their own ordered log, pushed live to their browser.
+
+Each recipient's notifications form the log `user:<subject>`, streamed like a queue's log.
+Every operation is scoped to one recipient: nobody reaches another person's notifications.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import partial
+
+from tortoise.functions import Count
+from tortoise.queryset import QuerySet
+
+from errors import not_found
+from models import Message, MessageStatus, Notification, NotificationPriority, Queue, new_id
+from schemas import NotificationCreate, NotificationOut, NotificationStats
+from writer import Tx, Writer
+
+
+def user_log(subject: str) -> str:
+    return f"user:{subject}"
+
+
+@dataclass(frozen=True)
+class NotificationFilter:
+    unread_only: bool = False
+    priority: NotificationPriority | None = None
+    type: str | None = None
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A notification the hub raises by itself (dead letters, backlogs)."""
+
+    type: str
+    priority: NotificationPriority
+    title: str
+    message: str
+    queue: str | None = None
+    message_id: str | None = None
+    action_url: str | None = None
+
+
+class Notifications:
+    def __init__(self, writer: Writer) -> None:
+        self.writer = writer
+
+    async def create(self, spec: NotificationCreate) -> list[NotificationOut]:
+        alert = Alert(
+            spec.type,
+            NotificationPriority[spec.priority],
+            spec.title,
+            spec.message,
+            spec.queue,
+            spec.message_id,
+            spec.action_url,
+        )
+        recipients = list(dict.fromkeys(spec.recipients))  # each person once, in the order given
+        return await self.writer.run(partial(_create_many, recipients, alert, spec.expires_at))
+
+    async def list(
+        self, subject: str, where: NotificationFilter, limit: int, offset: int
+    ) -> tuple[list[NotificationOut], int]:
+        query = _filtered(subject, where)
+        total = await query.count()
+        rows = await query.order_by("-id").offset(offset).limit(limit)
+        return [NotificationOut.of(row) for row in rows], total
+
+    async def unread_count(self, subject: str) -> int:
+        return await Notification.filter(recipient=subject, is_read=False).count()
+
+    async def stats(self, subject: str) -> NotificationStats:
+        rows = await (
+            Notification.filter(recipient=subject)
+            .annotate(n=Count("id"))
+            .group_by("type", "priority", "is_read")
+            .values("type", "priority", "is_read", "n")
+        )
+        return _stats(rows)
+
+    async def set_read(self, subject: str, notification_id: str, is_read: bool) -> NotificationOut:
+        return await self.writer.run(partial(_set_read, subject, notification_id, is_read))
+
+    async def mark_all_read(self, subject: str) -> int:
+        return await self.writer.run(partial(_mark_all_read, subject))
+
+    async def delete(self, subject: str, notification_id: str) -> NotificationOut:
+        return await self.writer.run(partial(_delete, subject, notification_id))
+
+    async def remove_expired(self, limit: int) -> int:
+        return await self.writer.run(partial(_remove_expired, limit))
+
+    async def check_backlogs(self) -> int:
+        """Tell owners about backlogs older than their queue's `alert_after`, once per episode."""
+        return await self.writer.run(_check_backlogs)
+
+
+async def notify(tx: Tx, recipient: str, alert: Alert, expires_at: datetime | None = None) -> NotificationOut:
+    """Create one notification inside an operation already running in the writer."""
+    row = Notification(
+        id=new_id(),
+        recipient=recipient,
+        type=alert.type,
+        priority=alert.priority,
+        title=alert.title,
+        message=alert.message,
+        queue=alert.queue,
+        message_id=alert.message_id,
+        action_url=alert.action_url,
+        created_at=tx.now,
+        expires_at=expires_at,
+    )
+    await row.save(using_db=tx.conn, force_create=True)
+    return _emit(tx, row, "notification.created")
+
+
+async def notify_owner(tx: Tx, queue: Queue, alert: Alert) -> NotificationOut:
+    return await notify(tx, queue.owner, alert)
+
+
+def _emit(tx: Tx, row: Notification, event: str, deleted: bool = False) -> NotificationOut:
+    resource = NotificationOut.of(row, deleted_at=tx.now if deleted else None)
+    tx.emit(user_log(row.recipient), event, resource.model_dump_json())
+    return resource
+
+
+async def _create_many(
+    recipients: Sequence[str], alert: Alert, expires_at: datetime | None, tx: Tx
+) -> list[NotificationOut]:
+    return [await notify(tx, recipient, alert, expires_at) for recipient in recipients]
+
+
+async def _owned(tx: Tx, subject: str, notification_id: str) -> Notification:
+    row = await Notification.filter(id=notification_id, recipient=subject).using_db(tx.conn).first()
+    if row is None:
+        # Someone else's notification is, to this caller, no notification at all.
+        raise not_found("notification", notification_id)
+    return row
+
+
+async def _set_read(subject: str, notification_id: str, is_read: bool, tx: Tx) -> NotificationOut:
+    row = await _owned(tx, subject, notification_id)
+    if row.is_read == is_read:
+        return NotificationOut.of(row)
+    row.is_read, row.read_at = is_read, tx.now if is_read else None
+    await row.save(using_db=tx.conn, update_fields=["is_read", "read_at"])
+    return _emit(tx, row, "notification.read")
+
+
+async def _mark_all_read(subject: str, tx: Tx) -> int:
+    unread = await Notification.filter(recipient=subject, is_read=False).order_by("id").using_db(tx.conn)
+    if unread:
+        await (
+            Notification.filter(id__in=[row.id for row in unread])
+            .using_db(tx.conn)
+            .update(is_read=True, read_at=tx.now)
+        )
+    for row in unread:
+        row.is_read, row.read_at = True, tx.now
+        _emit(tx, row, "notification.read")
+    return len(unread)
+
+
+async def _delete(subject: str, notification_id: str, tx: Tx) -> NotificationOut:
+    row = await _owned(tx, subject, notification_id)
+    await row.delete(using_db=tx.conn)
+    return _emit(tx, row, "notification.deleted", deleted=True)
+
+
+async def _remove_expired(limit: int, tx: Tx) -> int:
+    query = Notification.filter(expires_at__lt=tx.now).order_by("expires_at").limit(limit)
+    expired = await query.using_db(tx.conn)
+    if expired:
+        await Notification.filter(id__in=[row.id for row in expired]).using_db(tx.conn).delete()
+    for row in expired:
+        _emit(tx, row, "notification.deleted", deleted=True)
+    return len(expired)
+
+
+async def _check_backlogs(tx: Tx) -> int:
+    raised = 0
+    watched = Queue.filter(alert_after__isnull=False, deleted_at__isnull=True).using_db(tx.conn)
+    for queue in await watched:
+        waiting = Message.filter(queue_id=queue.id, status=MessageStatus.pending, available_at__lte=tx.now)
+        oldest = await waiting.using_db(tx.conn).order_by("available_at").only("id", "available_at").first()
+        late = oldest is not None and tx.now - oldest.available_at > timedelta(seconds=queue.alert_after or 0)
+        if late == queue.alert_active:
+            continue  # no change: still calm, or this episode was already announced
+        queue.alert_active = late
+        await queue.save(using_db=tx.conn, update_fields=["alert_active"])
+        if late:
+            await notify_owner(tx, queue, _backlog_alert(queue))
+            raised += 1
+    return raised
+
+
+def _backlog_alert(queue: Queue) -> Alert:
+    return Alert(
+        type="queue.backlog",
+        priority=NotificationPriority.high,
+        title=f"Backlog in {queue.name}",
+        message=f"The oldest pending message has waited more than {queue.alert_after} s.",
+        queue=queue.name,
+        action_url=f"/api/v1/queues/{queue.name}",
+    )
+
+
+def dead_letter_alert(queue: Queue, message: Message) -> Alert:
+    return Alert(
+        type="message.dead",
+        priority=NotificationPriority.urgent if queue.dead_letter_urgent else NotificationPriority.high,
+        title=f"A message in {queue.name} is dead",
+        message=f"After {message.attempts} attempts: {message.last_error or 'no error given'}",
+        queue=queue.name,
+        message_id=message.id,
+        action_url=f"/api/v1/queues/{queue.name}/messages/{message.id}",
+    )
+
+
+def _filtered(subject: str, where: NotificationFilter) -> QuerySet[Notification]:
+    query = Notification.filter(recipient=subject)
+    if where.unread_only:
+        query = query.filter(is_read=False)
+    if where.priority is not None:
+        query = query.filter(priority=where.priority)
+    if where.type is not None:
+        query = query.filter(type=where.type)
+    return query
+
+
+def _stats(rows: Sequence[dict[str, object]]) -> NotificationStats:
+    by_type: dict[str, int] = {}
+    by_priority = {p.name: 0 for p in NotificationPriority}
+    total = unread = urgent = 0
+    for row in rows:
+        n, priority = int(str(row["n"])), NotificationPriority(int(str(row["priority"]))).name
+        total += n
+        by_type[str(row["type"])] = by_type.get(str(row["type"]), 0) + n
+        by_priority[priority] += n
+        if not row["is_read"]:
+            unread += n
+            urgent += n if priority == "urgent" else 0
+    return NotificationStats(
+        total=total, unread=unread, urgent_count=urgent, by_type=by_type, by_priority=by_priority
+    )
