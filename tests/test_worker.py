@@ -260,3 +260,22 @@ async def test_four_workers_drain_5000_messages_across_two_replicas(
         make_server(database_url=pg_url, redis_url=redis_url, redis_prefix=prefix).start() for _ in range(2)
     ]
     await drain_5000(servers, tmp_path)
+
+
+async def test_subscribe_resumes_after_the_server_restarts(make_server: Any) -> None:
+    server = make_server().start()
+    async with server.client() as http:
+        queue = await create_queue(http)
+        subscriber = pombo(server, "subscribe", queue, "--from-start", stdout=subprocess.PIPE)
+        await http.post(f"/api/v1/queues/{queue}/messages", json={"body": "before"})
+        await asyncio.sleep(1.5)  # the subscriber has both events
+    server.stop()
+    server.start()  # same port, same data: the subscriber reconnects and resumes
+    async with server.client() as http:
+        await http.post(f"/api/v1/queues/{queue}/messages", json={"body": "after"})
+        await asyncio.sleep(2.5)
+    subscriber.send_signal(signal.SIGINT)
+    lines, _ = subscriber.communicate(timeout=15)
+    events = [json.loads(line) for line in lines.decode().splitlines()]
+    assert [e["seq"] for e in events] == [1, 2, 3]
+    assert [e["data"].get("body") for e in events[1:]] == ["before", "after"]
