@@ -13,7 +13,6 @@ from jose import jwt
 from jose.exceptions import JOSEError
 
 from errors import forbidden, unauthorized
-from models import Token
 from settings import Settings
 
 ACTIONS = frozenset({"publish", "consume", "subscribe", "manage"})
@@ -136,16 +135,3 @@ def write_private(path: Path, text: str) -> None:
 def anonymous(scopes_text: str) -> Principal | None:
     scopes = parse_scopes(scopes_text)
     return Principal(ANONYMOUS, scopes) if scopes else None
-
-
-async def issue_token(codec: TokenCodec, subject: str, scopes: frozenset[str], ttl: timedelta) -> MintedToken:
-    """Mint a token and record it, so it can be listed and revoked later."""
-    minted = codec.mint(subject, scopes, ttl)
-    await Token.create(
-        id=minted.token_id,
-        subject=subject,
-        scopes=" ".join(sorted(scopes)),
-        created_at=minted.issued_at,
-        expires_at=minted.expires_at,
-    )
-    return minted

@@ -14,6 +14,7 @@ from leases import Leases
 from models import QUEUE_NAME_PATTERN
 from notifications import Notifications
 from settings import Settings
+from tokens import TokenStore
 
 _bearer = HTTPBearer(auto_error=False, description="a token from `python main.py token`")
 
@@ -37,8 +38,11 @@ async def _principal(
 ) -> Principal:
     token = credentials.credentials if credentials else access_token
     if token:
-        codec: TokenCodec = request.app.state.tokens
-        return codec.read(token)
+        codec: TokenCodec = request.app.state.codec
+        principal = codec.read(token)
+        if principal.token_id is not None and principal.token_id in request.app.state.revocations:
+            raise unauthorized("the token was revoked")
+        return principal
     anonymous: Principal | None = request.app.state.anonymous
     if anonymous is None:
         raise unauthorized()
@@ -64,7 +68,13 @@ async def _notifications(request: Request) -> Notifications:
     return notifications
 
 
+async def _tokens(request: Request) -> TokenStore:
+    tokens: TokenStore = request.app.state.tokens
+    return tokens
+
+
 HubDep = Annotated[Hub, Depends(_hub)]
+TokensDep = Annotated[TokenStore, Depends(_tokens)]
 NotificationsDep = Annotated[Notifications, Depends(_notifications)]
 LeasesDep = Annotated[Leases, Depends(_leases)]
 SettingsDep = Annotated[Settings, Depends(_settings)]

@@ -21,6 +21,7 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import uvicorn
@@ -34,11 +35,11 @@ import api_messages
 import api_notifications
 import api_queues
 import api_system
+import api_tokens
 from auth import (
     ADMIN_TOKEN_FILE,
     TokenCodec,
     anonymous,
-    issue_token,
     load_secret,
     parse_scopes,
     write_private,
@@ -54,10 +55,15 @@ from observability import RequestContext, configure_logging
 from schemas import parse_duration
 from settings import Settings, SettingsError, load_settings, tortoise_config
 from sweeper import Sweeper
+from tokens import Revocations, TokenStore, issue_token
 from worker import Worker, WorkerError, WorkerOptions
 from writer import Writer
 
 ADMIN_TOKEN_TTL = timedelta(days=365)
+# Bounded work per sweep, so housekeeping never stalls publishes for long.
+LEASES_PER_TICK = 500
+ROWS_PER_TICK = 500
+EVENTS_PER_TICK = 5000
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -70,7 +76,7 @@ def create_app(settings: Settings) -> FastAPI:
     except ValueError as error:
         raise SettingsError(f"invalid setting POMBO_ANONYMOUS_SCOPES: {error}") from None
     install_error_handlers(app)
-    for module in (api_system, api_queues, api_messages, api_consume, api_notifications):
+    for module in (api_system, api_tokens, api_queues, api_messages, api_consume, api_notifications):
         app.include_router(module.router)
     app.add_middleware(RequestContext)
     return app
@@ -88,10 +94,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 @asynccontextmanager
 async def _running_app(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     secret, generated = load_secret(settings)
-    app.state.tokens = TokenCodec(secret, settings.jwt_algorithm)
+    app.state.codec = TokenCodec(secret, settings.jwt_algorithm)
     async with RegisterTortoise(app, config=tortoise_config(settings)):
         if generated:
-            await _first_admin_token(settings, app.state.tokens)
+            await _first_admin_token(settings, app.state.codec)
+        app.state.revocations = Revocations()
+        await app.state.revocations.refresh()
         async with _running_hub(app, settings):
             broker = "redis" if settings.redis_url else "in-process broker"
             logger.info("pombo ready on {}:{} ({})", settings.host, settings.port, broker)
@@ -107,7 +115,8 @@ async def _running_hub(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     app.state.hub = Hub(settings, writer, broker)
     app.state.leases = Leases(writer, broker)
     app.state.notifications = Notifications(writer)
-    sweeper = Sweeper(app.state.hub, app.state.leases, app.state.notifications, settings)
+    app.state.tokens = TokenStore(writer, app.state.codec, app.state.revocations)
+    sweeper = _sweeper(app, settings)
     sweeper.start()
     try:
         yield
@@ -115,6 +124,22 @@ async def _running_hub(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         await sweeper.close()
         await writer.close()
         await broker.close()
+
+
+def _sweeper(app: FastAPI, settings: Settings) -> Sweeper:
+    hub, leases, notifications = app.state.hub, app.state.leases, app.state.notifications
+    every_tick = [
+        partial(leases.release_expired, LEASES_PER_TICK),
+        notifications.check_backlogs,
+        app.state.revocations.refresh,
+    ]
+    retention = [
+        partial(hub.expire_messages, ROWS_PER_TICK),
+        partial(notifications.remove_expired, ROWS_PER_TICK),
+    ]
+    if settings.event_retention_seconds > 0:
+        retention.append(partial(hub.trim_logs, settings.event_retention_seconds, EVENTS_PER_TICK))
+    return Sweeper(settings, every_tick, retention)
 
 
 async def _first_admin_token(settings: Settings, codec: TokenCodec) -> None:

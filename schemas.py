@@ -18,6 +18,7 @@ from models import (
     NotificationPriority,
     Priority,
     Queue,
+    Token,
 )
 
 PriorityName = Literal["low", "normal", "high", "urgent"]
@@ -313,6 +314,36 @@ class Page(BaseModel, Generic[T]):
 
 class NotificationPage(Page[NotificationOut]):
     unread_count: int
+
+
+class TokenIn(Strict):
+    sub: str = Field(min_length=1, max_length=255, description="who the token speaks for")
+    scope: str = Field(default="", max_length=2000, description='space-separated, e.g. "publish:builds.*"')
+    ttl: str = Field(default="30d", max_length=20, description="3600, 30m, 12h, 30d")
+
+
+class TokenOut(BaseModel):
+    id: str
+    subject: str
+    scopes: list[str]
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None
+
+    @classmethod
+    def of(cls, row: Token) -> TokenOut:
+        return cls(
+            id=row.id,
+            subject=row.subject,
+            scopes=row.scopes.split(),
+            created_at=row.created_at,
+            expires_at=row.expires_at,
+            revoked_at=row.revoked_at,
+        )
+
+
+class MintedTokenOut(TokenOut):
+    token: str = Field(description="shown once: Pombo keeps only its id")
 
 
 class Me(BaseModel):

@@ -1,32 +1,27 @@
-"""Background housekeeping: expired leases come back, old messages and events go away.
+"""Background housekeeping: small chores run every few seconds, retention every minute or so.
 
-Each tick does bounded work through the writer, so a large backlog is worked off over several
-ticks instead of stalling publishes.
+Each chore does bounded work (through the writer when it writes), so a large backlog is worked
+off over several ticks instead of stalling publishes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Sequence
 
 from loguru import logger
 
-from hub import Hub
-from leases import Leases
-from notifications import Notifications
 from settings import Settings
 
-LEASES_PER_TICK = 500
-MESSAGES_PER_TICK = 500
-EVENTS_PER_TICK = 5000
+Chore = Callable[[], Awaitable[object]]
 
 
 class Sweeper:
-    def __init__(self, hub: Hub, leases: Leases, notifications: Notifications, settings: Settings) -> None:
-        self._hub = hub
-        self._leases = leases
-        self._notifications = notifications
+    def __init__(self, settings: Settings, every_tick: Sequence[Chore], retention: Sequence[Chore]) -> None:
         self._settings = settings
+        self._every_tick = every_tick
+        self._retention = retention
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -41,22 +36,24 @@ class Sweeper:
         next_retention = time.monotonic()
         while True:
             await asyncio.sleep(self._settings.sweep_seconds)
-            try:
-                await self._leases.release_expired(LEASES_PER_TICK)
-                await self._notifications.check_backlogs()
-                if time.monotonic() >= next_retention:
-                    next_retention = time.monotonic() + self._settings.retention_sweep_seconds
-                    await self._retention()
-            except Exception as error:  # noqa: BLE001 - a bad tick must not end housekeeping
-                logger.opt(exception=error).error("sweep failed")
+            chores = list(self._every_tick)
+            if time.monotonic() >= next_retention:
+                next_retention = time.monotonic() + self._settings.retention_sweep_seconds
+                chores += self._retention
+            for chore in chores:
+                await _run(chore)
 
-    async def _retention(self) -> None:
-        expired = await self._hub.expire_messages(MESSAGES_PER_TICK)
-        expired += await self._notifications.remove_expired(MESSAGES_PER_TICK)
-        trimmed = 0
-        if self._settings.event_retention_seconds > 0:
-            trimmed = await self._hub.trim_logs(self._settings.event_retention_seconds, EVENTS_PER_TICK)
-        if expired or trimmed:
-            logger.info(
-                "retention: {} messages and notifications expired, {} events trimmed", expired, trimmed
-            )
+
+async def _run(chore: Chore) -> None:
+    try:
+        done = await chore()
+    except Exception as error:  # noqa: BLE001 - one bad chore must not end housekeeping
+        logger.opt(exception=error).error("{} failed", _name(chore))
+        return
+    if isinstance(done, int) and done and not isinstance(done, bool):
+        logger.info("{}: {}", _name(chore), done)
+
+
+def _name(chore: Chore) -> str:
+    function = getattr(chore, "func", chore)  # a functools.partial names its function
+    return str(getattr(function, "__name__", "chore")).replace("_", " ")

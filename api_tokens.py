@@ -1,0 +1,51 @@
+"""Routes for admins to mint, list and revoke tokens."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from fastapi import APIRouter
+
+from auth import parse_scopes
+from deps import CurrentPrincipal, TokensDep, WindowDep
+from errors import validation_error
+from schemas import MintedTokenOut, Page, TokenIn, TokenOut, parse_duration
+
+router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"])
+
+
+@router.post("", status_code=201)
+async def mint_token(body: TokenIn, tokens: TokensDep, principal: CurrentPrincipal) -> MintedTokenOut:
+    """The token is in this answer only: Pombo keeps its id, subject, scopes and expiry."""
+    principal.require_scope("admin")
+    try:
+        scopes, seconds = parse_scopes(body.scope), parse_duration(body.ttl)
+    except ValueError as error:
+        raise validation_error({"body": [str(error)]}) from None
+    if seconds <= 0:
+        raise validation_error({"body.ttl": ["must be more than zero"]})
+    minted = await tokens.mint(body.sub, scopes, timedelta(seconds=seconds))
+    return MintedTokenOut(
+        id=minted.token_id,
+        subject=minted.subject,
+        scopes=sorted(minted.scopes),
+        created_at=minted.issued_at,
+        expires_at=minted.expires_at,
+        revoked_at=None,
+        token=minted.token,
+    )
+
+
+@router.get("")
+async def list_tokens(tokens: TokensDep, principal: CurrentPrincipal, window: WindowDep) -> Page[TokenOut]:
+    principal.require_scope("admin")
+    items, total = await tokens.list(window.limit, window.offset)
+    more = window.offset + len(items) < total
+    return Page(items=items, total=total, limit=window.limit, offset=window.offset, has_more=more)
+
+
+@router.delete("/{token_id}")
+async def revoke_token(token_id: str, tokens: TokensDep, principal: CurrentPrincipal) -> TokenOut:
+    """From now on this token is refused (on other replicas within a sweep, about a second)."""
+    principal.require_scope("admin")
+    return await tokens.revoke(token_id)
