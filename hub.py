@@ -16,7 +16,7 @@ from tortoise.queryset import QuerySet
 from auth import Principal
 from broker import Broker
 from errors import conflict, not_found, validation_error
-from models import Event, EventLog, Message, MessageStatus, Priority, Queue, new_id
+from models import Event, EventLog, Message, MessageStatus, NewMessage, Priority, Queue, new_id
 from schemas import Draft, MessageOut, QueueCreate, QueueOut, QueueUpdate, Update, utc_text
 from settings import Settings
 from writer import Tx, Writer
@@ -28,7 +28,7 @@ def queue_log(name: str) -> str:
 
 @dataclass(frozen=True)
 class Published:
-    message: Message
+    message: Message | NewMessage
     created: bool  # False when an idempotency key returned an earlier message
 
 
@@ -123,7 +123,7 @@ class Hub:
             earlier = await _earlier_by_key(tx, queue, drafts, self.settings.idempotency_seconds)
             fresh = [_new_message(tx, queue, d) for d in drafts if d.idempotency_key not in earlier]
             await _release_stale_keys(tx, queue, fresh)
-            await Message.bulk_create(fresh, using_db=tx.conn)
+            tx.insert_later(Message, [vars(m) for m in fresh])
             for message in fresh:
                 emit_message(tx, message, name, "message.created")
             new = iter(fresh)
@@ -254,7 +254,9 @@ async def live_queue_in(tx: Tx, name: str, create_for: str | None = None) -> Que
     raise not_found("queue", name)
 
 
-def emit_message(tx: Tx, message: Message, queue: str, event: str, deleted: bool = False) -> MessageOut:
+def emit_message(
+    tx: Tx, message: Message | NewMessage, queue: str, event: str, deleted: bool = False
+) -> MessageOut:
     resource = MessageOut.of(message, queue, deleted_at=tx.now if deleted else None)
     tx.emit(queue_log(queue), event, resource.model_dump_json())
     return resource
@@ -318,7 +320,7 @@ async def _earlier_by_key(
     return earlier
 
 
-async def _release_stale_keys(tx: Tx, queue: Queue, fresh: Sequence[Message]) -> None:
+async def _release_stale_keys(tx: Tx, queue: Queue, fresh: Sequence[NewMessage]) -> None:
     """Keys older than the window may be used again: unset them on the old messages."""
     keys = [m.idempotency_key for m in fresh if m.idempotency_key is not None]
     if keys:
@@ -329,8 +331,8 @@ async def _release_stale_keys(tx: Tx, queue: Queue, fresh: Sequence[Message]) ->
         )
 
 
-def _new_message(tx: Tx, queue: Queue, draft: Draft) -> Message:
-    return Message(
+def _new_message(tx: Tx, queue: Queue, draft: Draft) -> NewMessage:
+    return NewMessage(
         id=new_id(),
         queue_id=queue.id,
         body=draft.body,
@@ -338,7 +340,6 @@ def _new_message(tx: Tx, queue: Queue, draft: Draft) -> Message:
         type=draft.type,
         priority=draft.priority,
         headers=draft.headers,
-        status=MessageStatus.pending,
         idempotency_key=draft.idempotency_key,
         available_at=draft.available_at(tx.now),
         created_at=tx.now,

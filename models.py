@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
 
@@ -73,6 +74,29 @@ class Queue(Model):
 
     class Meta:
         table = "queues"
+
+
+@dataclass
+class NewMessage:
+    """A message about to be inserted: plain attributes, no ORM machinery on the publish path."""
+
+    id: str
+    queue_id: int
+    body: str
+    content_type: str
+    type: str
+    priority: Priority
+    headers: dict[str, str]
+    idempotency_key: str | None
+    available_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    status: MessageStatus = MessageStatus.pending
+    attempts: int = 0
+    lease_id: str | None = None
+    lease_expires_at: datetime | None = None
+    last_error: str | None = None
+    finished_at: datetime | None = None
 
 
 class Message(Model):

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
 
+from tortoise.expressions import Q
 from tortoise.functions import Count
 from tortoise.queryset import QuerySet
 
 from errors import not_found
-from models import Message, MessageStatus, Notification, NotificationPriority, Queue, new_id
+from models import Message, MessageStatus, Notification, NotificationPriority, Queue, new_id, utcnow
 from schemas import NotificationCreate, NotificationOut, NotificationStats
 from writer import Tx, Writer
 
@@ -70,11 +71,11 @@ class Notifications:
         return [NotificationOut.of(row) for row in rows], total
 
     async def unread_count(self, subject: str) -> int:
-        return await Notification.filter(recipient=subject, is_read=False).count()
+        return await _visible(subject).filter(is_read=False).count()
 
     async def stats(self, subject: str) -> NotificationStats:
         rows = await (
-            Notification.filter(recipient=subject)
+            _visible(subject)
             .annotate(n=Count("id"))
             .group_by("type", "priority", "is_read")
             .values("type", "priority", "is_read", "n")
@@ -220,8 +221,13 @@ def dead_letter_alert(queue: Queue, message: Message) -> Alert:
     )
 
 
+def _visible(subject: str) -> QuerySet[Notification]:
+    """A person's notifications, less those past `expires_at` that the sweeper has not removed yet."""
+    return Notification.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=utcnow()), recipient=subject)
+
+
 def _filtered(subject: str, where: NotificationFilter) -> QuerySet[Notification]:
-    query = Notification.filter(recipient=subject)
+    query = _visible(subject)
     if where.unread_only:
         query = query.filter(is_read=False)
     if where.priority is not None:

@@ -6,7 +6,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -14,6 +14,7 @@ from models import (
     QUEUE_NAME_PATTERN,
     Message,
     MessageStatus,
+    NewMessage,
     Notification,
     NotificationPriority,
     Priority,
@@ -164,7 +165,7 @@ class MessageOut(BaseModel):
     deleted_at: datetime | None = None
 
     @classmethod
-    def of(cls, message: Message, queue: str, deleted_at: datetime | None = None) -> MessageOut:
+    def of(cls, message: Message | NewMessage, queue: str, deleted_at: datetime | None = None) -> MessageOut:
         json_body = message.content_type == JSON
         return cls(
             id=message.id,
@@ -230,11 +231,13 @@ class Items(BaseModel, Generic[T]):
 
 NotificationPriorityName = Literal["low", "medium", "high", "urgent"]
 # A relative path or an http(s) URL: never `javascript:` in a link a person clicks.
-ACTION_URL_PATTERN = r"^(/[^\s]*|https?://[^\s]+)$"
+# `//host` and `/\\host` are other hosts to a browser, so a relative path must not start so.
+ACTION_URL_PATTERN = r"^(/([^/\\\s]\S*)?|(?i:https?)://\S+)$"
+Subject = Annotated[str, Field(min_length=1, max_length=255)]
 
 
 class NotificationCreate(Strict):
-    recipients: list[str] = Field(min_length=1, max_length=1000)
+    recipients: list[Subject] = Field(min_length=1, max_length=1000)
     type: str = Field(pattern=TYPE_PATTERN)
     priority: NotificationPriorityName = "medium"
     title: str = Field(min_length=1, max_length=200)

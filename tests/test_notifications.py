@@ -310,11 +310,6 @@ async def test_invalid_creates_are_422_and_store_nothing(
     assert await snapshot(server) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NotificationCreate.recipients has no per-item length limit: a subject longer than the "
-    "recipient column (255) fails in the database with 500 internal_error instead of 422",
-)
 async def test_an_overlong_recipient_is_422_and_stores_nothing(
     server: Server, client: httpx.AsyncClient
 ) -> None:
