@@ -27,7 +27,7 @@ OUTBOX_LIMIT = 10_000
 class Subscriber:
     """One stream's inbox: a bounded buffer and a flag to re-read the database."""
 
-    __slots__ = ("capacity", "inbox", "logs", "must_catch_up", "wakeup")
+    __slots__ = ("capacity", "closed", "inbox", "logs", "must_catch_up", "wakeup")
 
     def __init__(self, logs: frozenset[str], capacity: int) -> None:
         self.logs = logs
@@ -35,6 +35,7 @@ class Subscriber:
         self.inbox: deque[Update] = deque()
         self.wakeup = asyncio.Event()
         self.must_catch_up = False
+        self.closed = False
 
     def offer(self, update: Update) -> None:
         if len(self.inbox) >= self.capacity:
@@ -42,6 +43,11 @@ class Subscriber:
             self.catch_up()
             return
         self.inbox.append(update)
+        self.wakeup.set()
+
+    def close(self) -> None:
+        """The stream should end: its client left, or the server is going down."""
+        self.closed = True
         self.wakeup.set()
 
     def catch_up(self) -> None:
@@ -57,6 +63,7 @@ class Broker(Protocol):
     async def ready(self) -> bool: ...
     def subscribe(self, logs: Iterable[str], capacity: int) -> Subscriber: ...
     def unsubscribe(self, subscriber: Subscriber) -> None: ...
+    def close_all(self) -> None: ...
     @property
     def subscriber_count(self) -> int: ...
 
@@ -88,6 +95,11 @@ class LocalFanout:
         for update in updates:
             for subscriber in self._by_log.get(update.log, ()):
                 subscriber.offer(update)
+
+    def close_all(self) -> None:
+        for subscribers in self._by_log.values():
+            for subscriber in subscribers:
+                subscriber.close()
 
     def catch_up_all(self) -> None:
         for subscribers in self._by_log.values():

@@ -17,11 +17,13 @@ import json
 import logging
 import os
 import resource
+import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from functools import partial
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -157,19 +159,40 @@ def _raise_open_files_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+class _Server(uvicorn.Server):
+    """uvicorn waits for open connections before shutting the app down: end the streams first."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        hub: Hub | None = getattr(self._app.state, "hub", None)
+        if hub is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(hub.broker.close_all)
+
+
 def serve(settings: Settings) -> None:
     _raise_open_files_limit()
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=5,
+    )
     with single_process(settings):
-        uvicorn.run(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            log_config=None,
-            access_log=False,
-            loop="uvloop",
-            http="httptools",
-            timeout_graceful_shutdown=5,
-        )
+        _Server(config, app).run()
 
 
 async def _mint(settings: Settings, subject: str, scopes: frozenset[str], ttl: timedelta) -> str:

@@ -239,7 +239,7 @@ def postgres_database() -> Iterator[str]:
         yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     finally:
         kill = f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
-        run(kill, f'DROP DATABASE IF EXISTS "{name}"')
+        run(kill, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _in_thread(function: Any, *args: Any) -> None:
