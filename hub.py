@@ -211,11 +211,15 @@ class Hub:
     async def count_log(self, log: str, after: int) -> int:
         return await Event.filter(log=log, seq__gt=after).count()
 
+    async def log_head(self, log: str) -> int:
+        """The last sequence number the log has given out (0 for a log never written)."""
+        row = await EventLog.filter(name=log).only("name", "last_seq").first()
+        return row.last_seq if row else 0
+
     async def log_bounds(self, log: str) -> tuple[int, int]:
         """(oldest retained sequence, head sequence); oldest is head + 1 when none is kept."""
-        row = await EventLog.filter(name=log).first()
-        head = row.last_seq if row else 0
-        first = await Event.filter(log=log).order_by("seq").only("seq").first()
+        head = await self.log_head(log)
+        first = await Event.filter(log=log).order_by("seq").only("id", "seq").first()
         return (first.seq if first else head + 1), head
 
 

@@ -85,11 +85,11 @@ class LogStream:
             yield chunk
 
     async def _position(self) -> bytes | None:
-        oldest, head = await self._hub.log_bounds(self._spec.log)
         cursor = self._spec.cursor
-        if cursor is None:
-            self._last = head
+        if cursor is None:  # live from now: one query, as most browsers open most streams
+            self._last = await self._hub.log_head(self._spec.log)
             return None
+        oldest, head = await self._hub.log_bounds(self._spec.log)
         if oldest - 1 <= cursor <= head:
             self._last = cursor
             return None
