@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -105,6 +106,9 @@ async def _running_app(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         async with _running_hub(app, settings):
             broker = "redis" if settings.redis_url else "in-process broker"
             logger.info("pombo ready on {}:{} ({})", settings.host, settings.port, broker)
+            # Everything alive now (modules, app, ORM) lives as long as the process: keep it out of
+            # the collector's full passes, which otherwise pause every stream while they walk it.
+            gc.freeze()
             yield
 
 
