@@ -1,0 +1,152 @@
+"""Streaming scenarios: fan-out latency to many subscribers, and many idle streams held at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from options import Options
+from results import CpuMeter, Result, Value, latency_ms, per_second
+from subscribers import Tally, open_streams, quiet_client_gc, wait_for_deliveries
+from throughput import Budget, fresh_queue
+from wire import Client, Target
+
+# Publishes in flight at once: enough that one slow answer does not hold the steady rate back.
+PUBLISHERS = 8
+# Time for the server to tear the last streams down before anything else is measured.
+SETTLE_SECONDS = 1.0
+
+
+async def publish_steady(target: Target, queue: str, count: int, rate: float) -> tuple[Budget, bytearray]:
+    """Publish messages 0..count-1 at `rate` per second, each stamped with its send time."""
+    path = f"/api/v1/queues/{queue}/messages"
+    budget, published = Budget(count, float("inf")), bytearray(count)
+    pool: asyncio.Queue[Client] = asyncio.Queue()
+    for _ in range(PUBLISHERS):
+        pool.put_nowait(Client(target))
+    loop = asyncio.get_running_loop()
+    start, tasks = loop.time(), []
+    for number in range(count):
+        await asyncio.sleep(max(0.0, start + number / rate - loop.time()))
+        client = await pool.get()  # all busy: the server is stalling publishes, and we fall behind
+        tasks.append(asyncio.create_task(_publish_stamped(client, path, number, budget, published, pool)))
+    await asyncio.gather(*tasks)
+    while not pool.empty():
+        pool.get_nowait().close()
+    return budget, published
+
+
+async def _publish_stamped(
+    client: Client, path: str, number: int, budget: Budget, published: bytearray, pool: asyncio.Queue[Client]
+) -> None:
+    sent = time.monotonic()
+    body = json.dumps({"body": {"n": number, "t": sent}}).encode()
+    try:
+        response = await client.request("POST", path, body)
+        if response.ok:
+            published[number] = 1
+            budget.latencies.append(time.monotonic() - sent)
+        else:
+            budget.failed(f"HTTP {response.status}: {response.body[:120]!r}")
+    except (OSError, TimeoutError) as error:
+        budget.failed(error)
+    finally:
+        pool.put_nowait(client)
+
+
+async def fanout(target: Target, options: Options) -> list[Result]:
+    return [await _fanout_to(target, options, count) for count in options.subscribers]
+
+
+async def _fanout_to(target: Target, options: Options, subscribers: int) -> Result:
+    queue = await fresh_queue(target, "fanout")
+    messages = max(1, round(options.rate * options.duration))
+    tally = Tally(subscribers, messages)
+    streams = await open_streams(target, queue, tally, options.open_concurrency)
+    try:
+        with quiet_client_gc():
+            began, meter = time.monotonic(), CpuMeter()
+            budget, published = await publish_steady(target, queue, messages, options.rate)
+            behind = time.monotonic() - began - (messages - 1) / options.rate
+            await wait_for_deliveries(tally, len(streams.opened) * sum(published), options.drain)
+            loadgen_cpu = meter.percent()
+        dropped = streams.dropped()
+    finally:
+        streams.close()
+    await asyncio.sleep(SETTLE_SECONDS)
+    metrics: dict[str, Value] = {
+        "streams": len(streams.opened),
+        "published": sum(published),
+        "deliveries": len(tally.latencies),
+        **latency_ms(tally.latencies, 50, 95, 99),
+        "lost": tally.lost(list(streams.opened), published),
+        "duplicated": tally.duplicates,
+        "publish_p99_ms": latency_ms(budget.latencies, 99)["p99_ms"],
+        "publisher_behind_s": round(behind, 2),
+        "errors": budget.errors + len(streams.errors),
+        "dropped_streams": dropped,
+        "loadgen_cpu_pct": loadgen_cpu,
+    }
+    params = {"subscribers": subscribers, "rate": options.rate, "seconds": options.duration}
+    return Result("fanout", params, metrics, notes=_first(streams.errors, budget.first_error))
+
+
+def _first(stream_errors: list[str], publish_error: str) -> list[str]:
+    notes = (
+        [f"{len(stream_errors)} streams failed to open, first: {stream_errors[0]}"] if stream_errors else []
+    )
+    return notes + ([f"first publish error: {publish_error}"] if publish_error else [])
+
+
+def rss_kib(pid: int | None) -> int | None:
+    """The process's resident set in KiB (VmRSS), or None when we were not told which process."""
+    if pid is None:
+        return None
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return None
+
+
+def _mib(kib: int | None) -> float | None:
+    return None if kib is None else round(kib / 1024, 1)
+
+
+def _per_stream(before: int | None, after: int | None, held: int) -> float | None:
+    """What the server's resident set grew by, per stream held, in KiB."""
+    return None if before is None or after is None or not held else round((after - before) / held, 1)
+
+
+async def connections(target: Target, options: Options) -> list[Result]:
+    queue = await fresh_queue(target, "connections")
+    tally = Tally(options.streams, 1)
+    before, meter = rss_kib(options.server_pid), CpuMeter()
+    streams = await open_streams(target, queue, tally, options.open_concurrency)
+    opening_cpu = meter.percent()
+    try:
+        await asyncio.sleep(options.hold)
+        after = rss_kib(options.server_pid)
+        with quiet_client_gc():
+            budget, published = await publish_steady(target, queue, 1, 1.0)
+            await wait_for_deliveries(tally, len(streams.opened) * sum(published), options.drain)
+        dropped = streams.dropped()
+    finally:
+        streams.close()
+    await asyncio.sleep(SETTLE_SECONDS)
+    held = len(streams.opened)
+    metrics: dict[str, Value] = {
+        "streams": held,
+        "open_per_s": per_second(held, streams.seconds),
+        "received": len(tally.latencies),
+        **latency_ms(tally.latencies, 50, 99),
+        "rss_before_mib": _mib(before),
+        "rss_after_mib": _mib(after),
+        "kib_per_stream": _per_stream(before, after, held),
+        "errors": budget.errors + len(streams.errors),
+        "dropped_streams": dropped,
+        "loadgen_cpu_pct": opening_cpu,
+    }
+    params = {"streams": options.streams, "hold_s": options.hold}
+    return [Result("connections", params, metrics, notes=_first(streams.errors, budget.first_error))]
