@@ -10,6 +10,7 @@ from pydantic import AwareDatetime, BaseModel, ValidationError
 
 from deps import CurrentPrincipal, HubDep, QueueName, SettingsDep, WindowDep
 from errors import bad_request, field_errors, too_large, validation_error
+from exports import DOWNLOADS, Format, message_export, respond
 from hub import MessageFilter, Published
 from models import MessageStatus, Priority
 from schemas import JSON, Draft, MessageOut, Page, PriorityName, PublishIn, parse_duration
@@ -91,10 +92,11 @@ async def publish_batch(
     return PublishedItems(items=[MessageOut.of(r.message, queue) for r in results])
 
 
-@router.get("")
+@router.get("", response_model=Page[MessageOut], responses=DOWNLOADS)
 async def list_messages(
     queue: QueueName,
     hub: HubDep,
+    settings: SettingsDep,
     principal: CurrentPrincipal,
     window: WindowDep,
     status: MessageStatus | None = None,
@@ -102,11 +104,15 @@ async def list_messages(
     priority: PriorityName | None = None,
     created_after: AwareDatetime | None = None,
     created_before: AwareDatetime | None = None,
-) -> Page[MessageOut]:
+    format: Format = "json",
+) -> Page[MessageOut] | Response:
     principal.require("subscribe", queue)
     where = MessageFilter(
         status, type, Priority[priority] if priority else None, created_after, created_before
     )
+    if format != "json":
+        export = await message_export(await hub.live_queue(queue), where, settings.export_max_rows)
+        return await respond(export, format)
     items, total = await hub.list_messages(queue, where, window)
     return Page(
         items=items,

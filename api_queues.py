@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from deps import CurrentPrincipal, HubDep, QueueName, SettingsDep, WindowDep
+from exports import DOWNLOADS, Format, event_export, respond
 from hub import queue_log
 from schemas import EventOut, Page, QueueCreate, QueueOut, QueueUpdate
 from streams import StreamResponse, StreamSpec, open_stream, resume_cursor
@@ -63,16 +64,20 @@ async def restore_queue(queue: QueueName, hub: HubDep, principal: CurrentPrincip
     return await hub.restore_queue(queue)
 
 
-@router.get("/{queue}/events")
+@router.get("/{queue}/events", response_model=Page[EventOut], responses=DOWNLOADS)
 async def list_events(
     queue: QueueName,
     hub: HubDep,
+    settings: SettingsDep,
     principal: CurrentPrincipal,
     after: Annotated[int, Query(ge=0, description="the last sequence number you have")] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-) -> Page[EventOut]:
+    format: Format = "json",
+) -> Page[EventOut] | Response:
     principal.require("subscribe", queue)
-    await hub.live_queue(queue)
+    found = await hub.live_queue(queue)
+    if format != "json":
+        return await respond(await event_export(found, after, settings.export_max_rows), format)
     log = queue_log(queue)
     updates = await hub.read_log(log, after, limit)
     total = await hub.count_log(log, after)

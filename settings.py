@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     max_batch_items: int = Field(default=1000, ge=1, le=10_000)
     max_batch_bytes: int = Field(default=8 * KIB * KIB, ge=1)
     idempotency_seconds: float = Field(default=24 * 3600, gt=0)
+    # Checked before an export starts (a clear 400, never a cut-off file). An XLSX is built whole
+    # before its first byte: about 40 s for 100,000 rows on 2 busy cores (measured).
+    export_max_rows: int = Field(default=100_000, ge=1)
 
     # Proxies drop idle connections after 30-60 s; 15 s keeps them open cheaply.
     heartbeat_seconds: float = Field(default=15, gt=0)
