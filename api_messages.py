@@ -114,13 +114,7 @@ async def list_messages(
         export = await message_export(await hub.live_queue(queue), where, settings.export_max_rows)
         return await respond(export, format)
     items, total = await hub.list_messages(queue, where, window)
-    return Page(
-        items=items,
-        total=total,
-        limit=window.limit,
-        offset=window.offset,
-        has_more=window.offset + len(items) < total,
-    )
+    return Page.of(items, total, window.limit, window.offset)
 
 
 @router.get("/{message_id}")

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from deps import CurrentPrincipal, HubDep, NotificationsDep, SettingsDep, WindowDep
+from exports import DOWNLOADS, Format, notification_export, respond
 from models import NotificationPriority
 from notifications import NotificationFilter, user_log
 from schemas import (
@@ -25,23 +26,25 @@ from streams import StreamResponse, StreamSpec, control_frame, open_stream, resu
 router = APIRouter(prefix="/api/v1/notifications", tags=["notifications"])
 
 
-@router.get("")
+@router.get("", response_model=NotificationPage, responses=DOWNLOADS)
 async def list_notifications(
     notifications: NotificationsDep,
+    settings: SettingsDep,
     principal: CurrentPrincipal,
     window: WindowDep,
     unread_only: bool = False,
     priority: NotificationPriorityName | None = None,
     type: Annotated[str | None, Query(max_length=64)] = None,
-) -> NotificationPage:
-    """The caller's own notifications, newest first."""
+    format: Format = "json",
+) -> NotificationPage | Response:
+    """The caller's own notifications, newest first (`format=csv|xlsx` downloads them all)."""
     where = NotificationFilter(unread_only, NotificationPriority[priority] if priority else None, type)
+    if format != "json":
+        export = await notification_export(principal.subject, where, settings.export_max_rows)
+        return await respond(export, format)
     items, total = await notifications.list(principal.subject, where, window.limit, window.offset)
     unread = await notifications.unread_count(principal.subject)
-    more = window.offset + len(items) < total
-    return NotificationPage(
-        items=items, total=total, limit=window.limit, offset=window.offset, has_more=more, unread_count=unread
-    )
+    return NotificationPage.of(items, total, window.limit, window.offset, unread_count=unread)
 
 
 @router.get("/unread-count")

@@ -27,13 +27,7 @@ async def list_queues(
     hub: HubDep, principal: CurrentPrincipal, window: WindowDep, include_deleted: bool = False
 ) -> Page[QueueOut]:
     items, total = await hub.list_queues(principal, include_deleted, window)
-    return Page(
-        items=items,
-        total=total,
-        limit=window.limit,
-        offset=window.offset,
-        has_more=window.offset + len(items) < total,
-    )
+    return Page.of(items, total, window.limit, window.offset)
 
 
 @router.get("/{queue}")

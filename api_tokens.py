@@ -40,8 +40,7 @@ async def mint_token(body: TokenIn, tokens: TokensDep, principal: CurrentPrincip
 async def list_tokens(tokens: TokensDep, principal: CurrentPrincipal, window: WindowDep) -> Page[TokenOut]:
     principal.require_scope("admin")
     items, total = await tokens.list(window.limit, window.offset)
-    more = window.offset + len(items) < total
-    return Page(items=items, total=total, limit=window.limit, offset=window.offset, has_more=more)
+    return Page.of(items, total, window.limit, window.offset)
 
 
 @router.delete("/{token_id}")

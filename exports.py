@@ -32,9 +32,11 @@ from tortoise.models import Model
 from tortoise.queryset import QuerySet
 
 from errors import bad_request
-from hub import MessageFilter, queue_log
-from hub import _filtered as message_filter  # the JSON list's own filter: an export matches it exactly
-from models import Event, Message, MessageStatus, Priority, Queue, utcnow
+
+# The JSON lists' own filters: an export matches its list exactly.
+from hub import MessageFilter, filtered_messages, queue_log
+from models import Event, Message, MessageStatus, NotificationPriority, Priority, Queue, utcnow
+from notifications import NotificationFilter, filtered_notifications
 from schemas import utc_text
 
 Format = Literal["json", "csv", "xlsx"]
@@ -346,7 +348,7 @@ EVENT_COLUMNS = (
 
 
 async def message_export(queue: Queue, where: MessageFilter, cap: int) -> Export:
-    query = await capped(message_filter(Message.filter(queue_id=queue.id), where), "id", cap)
+    query = await capped(filtered_messages(Message.filter(queue_id=queue.id), where), "id", cap)
     # Ids are UUIDv7: id order is creation order, and a unique key to page by.
     rows = paged(query, "id", [column.name for column in MESSAGE_COLUMNS])
     about = (("Queue", queue.name), ("Filters", _described(where)))
@@ -358,6 +360,34 @@ async def event_export(queue: Queue, after: int, cap: int) -> Export:
     rows = paged(query, "seq", [column.name for column in EVENT_COLUMNS])
     about = (("Queue", queue.name), ("After sequence", str(after)))
     return Export(f"{queue.name}-events", "Events", EVENT_COLUMNS, rows, about)
+
+
+NOTIFICATION_COLUMNS = (
+    Column("id", 38),
+    Column("created_at", TIME_WIDTH),
+    Column(
+        "priority",
+        10,
+        PRIORITY_FILLS,
+        tuple(p.name for p in NotificationPriority),
+        lambda p: NotificationPriority(p).name,
+    ),
+    Column("type", 18, totals=()),
+    Column("title", 40),
+    Column("message", 60),
+    Column("is_read", 8, totals=()),
+    Column("read_at", TIME_WIDTH),
+    Column("queue", 18),
+    Column("message_id", 38),
+    Column("action_url", 40),
+    Column("expires_at", TIME_WIDTH),
+)
+
+
+async def notification_export(subject: str, where: NotificationFilter, cap: int) -> Export:
+    query = await capped(filtered_notifications(subject, where), "id", cap)
+    rows = paged(query, "id", [column.name for column in NOTIFICATION_COLUMNS], descending=True)
+    return Export("notifications", "Notifications", NOTIFICATION_COLUMNS, rows, (("Recipient", subject),))
 
 
 def _described(where: MessageFilter) -> str:

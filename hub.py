@@ -147,7 +147,7 @@ class Hub:
         self, name: str, where: MessageFilter, window: Window
     ) -> tuple[list[MessageOut], int]:
         queue = await self.live_queue(name)
-        query = _filtered(Message.filter(queue_id=queue.id), where)
+        query = filtered_messages(Message.filter(queue_id=queue.id), where)
         total = await query.count()
         rows = await query.order_by("created_at", "id").offset(window.offset).limit(window.limit)
         return [MessageOut.of(m, name) for m in rows], total
@@ -351,7 +351,7 @@ def _new_message(tx: Tx, queue: Queue, draft: Draft) -> NewMessage:
     )
 
 
-def _filtered(query: QuerySet[Message], where: MessageFilter) -> QuerySet[Message]:
+def filtered_messages(query: QuerySet[Message], where: MessageFilter) -> QuerySet[Message]:
     conditions: dict[str, Any] = {
         "status": where.status,
         "type": where.type,

@@ -65,7 +65,7 @@ class Notifications:
     async def list(
         self, subject: str, where: NotificationFilter, limit: int, offset: int
     ) -> tuple[list[NotificationOut], int]:
-        query = _filtered(subject, where)
+        query = filtered_notifications(subject, where)
         total = await query.count()
         rows = await query.order_by("-id").offset(offset).limit(limit)
         return [NotificationOut.of(row) for row in rows], total
@@ -226,7 +226,7 @@ def _visible(subject: str) -> QuerySet[Notification]:
     return Notification.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=utcnow()), recipient=subject)
 
 
-def _filtered(subject: str, where: NotificationFilter) -> QuerySet[Notification]:
+def filtered_notifications(subject: str, where: NotificationFilter) -> QuerySet[Notification]:
     query = _visible(subject)
     if where.unread_only:
         query = query.filter(is_read=False)

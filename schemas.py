@@ -6,7 +6,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -313,6 +313,11 @@ class Page(BaseModel, Generic[T]):
     limit: int
     offset: int
     has_more: bool
+
+    @classmethod
+    def of(cls, items: list[T], total: int, limit: int, offset: int, **more: Any) -> Self:
+        more_rows = offset + len(items) < total
+        return cls(items=items, total=total, limit=limit, offset=offset, has_more=more_rows, **more)
 
 
 class NotificationPage(Page[NotificationOut]):

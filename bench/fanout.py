@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from options import Options
@@ -13,45 +14,70 @@ from subscribers import Tally, open_streams, quiet_client_gc, wait_for_deliverie
 from throughput import Budget, fresh_queue
 from wire import Client, Target
 
-# Publishes in flight at once: enough that one slow answer does not hold the steady rate back.
-PUBLISHERS = 8
+# Publishes in flight at once, as many as the publish scenario's clients by default.
+PUBLISHERS = 16
 # Time for the server to tear the last streams down before anything else is measured.
 SETTLE_SECONDS = 1.0
 
 
-async def publish_steady(target: Target, queue: str, count: int, rate: float) -> tuple[Budget, bytearray]:
-    """Publish messages 0..count-1 at `rate` per second, each stamped with its send time."""
+@dataclass
+class Publishing:
+    """What the steady publisher did: the answers, which numbers were stored, how late it sent."""
+
+    budget: Budget
+    published: bytearray
+    late: float = 0.0  # the most any message went out after it was due
+
+    @property
+    def stored(self) -> int:
+        return sum(self.published)
+
+
+async def publish_steady(target: Target, queue: str, count: int, rate: float) -> Publishing:
+    """Publish messages 0..count-1 at `rate` per second, each stamped with the time it was due.
+
+    Stamping the due time rather than the send time keeps a server that stalls publishes (so that
+    all publishers are busy and the next one goes out late) from hiding that wait in its figures.
+    """
     path = f"/api/v1/queues/{queue}/messages"
-    budget, published = Budget(count, float("inf")), bytearray(count)
+    run = Publishing(Budget(count, float("inf")), bytearray(count))
     pool: asyncio.Queue[Client] = asyncio.Queue()
     for _ in range(PUBLISHERS):
         pool.put_nowait(Client(target))
-    loop = asyncio.get_running_loop()
-    start, tasks = loop.time(), []
+    start, tasks = time.monotonic(), []
     for number in range(count):
-        await asyncio.sleep(max(0.0, start + number / rate - loop.time()))
-        client = await pool.get()  # all busy: the server is stalling publishes, and we fall behind
-        tasks.append(asyncio.create_task(_publish_stamped(client, path, number, budget, published, pool)))
+        due = start + number / rate
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        client = await pool.get()
+        run.late = max(run.late, time.monotonic() - due)
+        tasks.append(asyncio.create_task(_publish_stamped(client, path, Stamp(number, due), run, pool)))
     await asyncio.gather(*tasks)
     while not pool.empty():
         pool.get_nowait().close()
-    return budget, published
+    return run
+
+
+@dataclass(frozen=True)
+class Stamp:
+    number: int
+    due: float
 
 
 async def _publish_stamped(
-    client: Client, path: str, number: int, budget: Budget, published: bytearray, pool: asyncio.Queue[Client]
+    client: Client, path: str, stamp: Stamp, run: Publishing, pool: asyncio.Queue[Client]
 ) -> None:
+    """One publish; its latency (for `publish_p99_ms`) counts from when it was actually sent."""
+    body = json.dumps({"body": {"n": stamp.number, "t": stamp.due}}).encode()
     sent = time.monotonic()
-    body = json.dumps({"body": {"n": number, "t": sent}}).encode()
     try:
         response = await client.request("POST", path, body)
         if response.ok:
-            published[number] = 1
-            budget.latencies.append(time.monotonic() - sent)
+            run.published[stamp.number] = 1
+            run.budget.latencies.append(time.monotonic() - sent)
         else:
-            budget.failed(f"HTTP {response.status}: {response.body[:120]!r}")
+            run.budget.failed(f"HTTP {response.status}: {response.body[:120]!r}")
     except (OSError, TimeoutError) as error:
-        budget.failed(error)
+        run.budget.failed(error)
     finally:
         pool.put_nowait(client)
 
@@ -67,10 +93,9 @@ async def _fanout_to(target: Target, options: Options, subscribers: int) -> Resu
     streams = await open_streams(target, queue, tally, options.open_concurrency)
     try:
         with quiet_client_gc():
-            began, meter = time.monotonic(), CpuMeter()
-            budget, published = await publish_steady(target, queue, messages, options.rate)
-            behind = time.monotonic() - began - (messages - 1) / options.rate
-            await wait_for_deliveries(tally, len(streams.opened) * sum(published), options.drain)
+            meter = CpuMeter()
+            run = await publish_steady(target, queue, messages, options.rate)
+            await wait_for_deliveries(tally, len(streams.opened) * run.stored, options.drain)
             loadgen_cpu = meter.percent()
         dropped = streams.dropped()
     finally:
@@ -78,19 +103,19 @@ async def _fanout_to(target: Target, options: Options, subscribers: int) -> Resu
     await asyncio.sleep(SETTLE_SECONDS)
     metrics: dict[str, Value] = {
         "streams": len(streams.opened),
-        "published": sum(published),
+        "published": run.stored,
         "deliveries": len(tally.latencies),
         **latency_ms(tally.latencies, 50, 95, 99),
-        "lost": tally.lost(list(streams.opened), published),
+        "lost": tally.lost(list(streams.opened), run.published),
         "duplicated": tally.duplicates,
-        "publish_p99_ms": latency_ms(budget.latencies, 99)["p99_ms"],
-        "publisher_behind_s": round(behind, 2),
-        "errors": budget.errors + len(streams.errors),
+        "publish_p99_ms": latency_ms(run.budget.latencies, 99)["p99_ms"],
+        "sent_late_max_s": round(run.late, 2),
+        "errors": run.budget.errors + len(streams.errors),
         "dropped_streams": dropped,
         "loadgen_cpu_pct": loadgen_cpu,
     }
     params = {"subscribers": subscribers, "rate": options.rate, "seconds": options.duration}
-    return Result("fanout", params, metrics, notes=_first(streams.errors, budget.first_error))
+    return Result("fanout", params, metrics, notes=_first(streams.errors, run.budget.first_error))
 
 
 def _first(stream_errors: list[str], publish_error: str) -> list[str]:
@@ -129,8 +154,8 @@ async def connections(target: Target, options: Options) -> list[Result]:
         await asyncio.sleep(options.hold)
         after = rss_kib(options.server_pid)
         with quiet_client_gc():
-            budget, published = await publish_steady(target, queue, 1, 1.0)
-            await wait_for_deliveries(tally, len(streams.opened) * sum(published), options.drain)
+            run = await publish_steady(target, queue, 1, 1.0)
+            await wait_for_deliveries(tally, len(streams.opened) * run.stored, options.drain)
         dropped = streams.dropped()
     finally:
         streams.close()
@@ -144,9 +169,9 @@ async def connections(target: Target, options: Options) -> list[Result]:
         "rss_before_mib": _mib(before),
         "rss_after_mib": _mib(after),
         "kib_per_stream": _per_stream(before, after, held),
-        "errors": budget.errors + len(streams.errors),
+        "errors": run.budget.errors + len(streams.errors),
         "dropped_streams": dropped,
         "loadgen_cpu_pct": opening_cpu,
     }
     params = {"streams": options.streams, "hold_s": options.hold}
-    return [Result("connections", params, metrics, notes=_first(streams.errors, budget.first_error))]
+    return [Result("connections", params, metrics, notes=_first(streams.errors, run.budget.first_error))]

@@ -520,3 +520,54 @@ async def test_exporting_50000_messages_keeps_memory_bounded(
     book.close()
     assert totals["Rows"] == 50_000
     assert totals["By priority"] == {"urgent": 12_500, "high": 12_500, "normal": 12_500, "low": 12_500}
+
+
+async def notify(
+    http: httpx.AsyncClient, recipient: str, priority: str, title: str, message: str = ""
+) -> None:
+    body = {
+        "recipients": [recipient],
+        "type": "note",
+        "priority": priority,
+        "title": title,
+        "message": message,
+    }
+    assert (await http.post("/api/v1/notifications", json=body)).status_code == 201
+
+
+async def test_notification_exports_hold_only_the_callers_own_and_are_styled(
+    client: httpx.AsyncClient,
+) -> None:
+    alice, bob = unique("alice"), unique("bob")
+    await notify(client, alice, "urgent", "=HYPERLINK(1)", 'a,b "c"\nd 🎉')
+    await notify(client, alice, "medium", "second")
+    await notify(client, alice, "low", "third")
+    await notify(client, bob, "high", "not for alice")
+    mine = auth(mint(alice, ""))
+    response = await client.get("/api/v1/notifications", params={"format": "csv"}, headers=mine)
+    assert response.status_code == 200
+    assert re.search(r'filename="notifications-\d{8}T\d{6}Z\.csv"', response.headers["content-disposition"])
+    [header, *rows] = csv_rows(response)
+    titles = [row[header.index("title")] for row in rows]
+    assert titles == ["third", "second", "'=HYPERLINK(1)"]  # newest first, formula neutralised
+    assert rows[2][header.index("message")] == 'a,b "c"\nd 🎉'
+    unread = await client.get(
+        "/api/v1/notifications", params={"format": "csv", "priority": "low"}, headers=mine
+    )
+    assert [row[header.index("title")] for row in csv_rows(unread)[1:]] == ["third"]
+    book = workbook(await client.get("/api/v1/notifications", params={"format": "xlsx"}, headers=mine))
+    sheet = book["Notifications"]
+    column = [cell.value for cell in sheet[1]].index("priority") + 1
+    fills = {sheet.cell(row, column).value: sheet.cell(row, column).fill.fgColor.rgb for row in range(2, 5)}
+    assert fills == {"urgent": "FFFFC7CE", "medium": "FFFFEB9C", "low": "FFC6EFCE"}
+    assert sheet.cell(1, 1).font.bold
+    assert summary(book)["By priority"] == {"urgent": 1, "high": 0, "medium": 1, "low": 1}
+
+
+async def test_a_notification_export_past_the_cap_is_refused(make_server: Any) -> None:
+    server = make_server(export_max_rows="2").start()
+    async with server.client() as http:
+        for n in range(3):
+            await notify(http, "tester", "low", f"n{n}")
+        refused = await http.get("/api/v1/notifications", params={"format": "csv"})
+    assert_error(refused, 400, "export_too_large")
