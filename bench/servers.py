@@ -136,7 +136,7 @@ def _clean_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def _pombo(label: str, workdir: Path, settings: dict[str, str]) -> Server:
-    server = Server(label, [sys.executable, str(ROOT / "main.py")], workdir / label)
+    server = Server(label, [sys.executable, str(ROOT / "main.py"), "serve"], workdir / label)
     token = TokenCodec(SECRET, "HS256").mint("bench", frozenset({"admin"}), timedelta(days=1)).token
     server.token = token
     server.env = _clean_env(
