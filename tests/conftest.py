@@ -49,6 +49,19 @@ def auth(token: str) -> dict[str, str]:
 ADMIN = auth(mint())
 
 
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """The error envelope `{"error": {"code", "message", "details"}}` with this status and code."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"code", "message", "details"}, error
+    assert error["code"] == code, error
+    assert isinstance(error["message"], str) and error["message"], error
+    assert isinstance(error["details"], dict), error
+    return dict(error)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

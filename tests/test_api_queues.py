@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Server, auth, mint, snapshot, unique
+from conftest import Server, assert_error, auth, mint, snapshot, unique
 
 DEFAULTS = {
     "description": "",
@@ -23,19 +23,6 @@ NO_MESSAGES = {"pending": 0, "processing": 0, "done": 0, "dead": 0}
 
 def when(text: str) -> datetime:
     return datetime.fromisoformat(text)
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """The error envelope `{"error": {"code", "message", "details"}}` with this status and code."""
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert set(error) == {"code", "message", "details"}, error
-    assert error["code"] == code, error
-    assert isinstance(error["message"], str) and error["message"], error
-    assert isinstance(error["details"], dict), error
-    return dict(error)
 
 
 async def create_queue(http: httpx.AsyncClient, name: str | None = None, **settings: Any) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ADMIN, ROOT, SECRET, Server, auth, mint, unique
+from conftest import ADMIN, ROOT, SECRET, Server, assert_error, auth, mint, unique
 from jose import jwt
 
 ME = "/api/v1/me"
@@ -47,16 +47,6 @@ def unsigned_token(claims: dict[str, Any]) -> str:
 def hs256_without_exp() -> str:
     """A correctly signed token that never expires: Pombo's tokens must."""
     return str(jwt.encode({k: v for k, v in admin_claims().items() if k != "exp"}, SECRET, algorithm="HS256"))
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body: dict[str, Any] = response.json()
-    assert set(body) == {"error"}
-    assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    assert isinstance(body["error"]["details"], dict)
-    return body["error"]
 
 
 async def create_queue(http: httpx.AsyncClient, name: str | None = None) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Listener, Server, auth, mint, snapshot, unique
+from conftest import Listener, Server, assert_error, auth, mint, snapshot, unique
 
 LONG = 600  # a visibility timeout no test outlives: the shared server's sweeper never touches it
 
@@ -33,13 +33,6 @@ def when(text: str) -> datetime:
 def gap(later: str, earlier: str) -> float:
     """Seconds between two server timestamps."""
     return (when(later) - when(earlier)).total_seconds()
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> None:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["code"] == code, error
-    assert error["message"], error
 
 
 async def create_queue(http: httpx.AsyncClient, **settings: Any) -> str:

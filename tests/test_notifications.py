@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Listener, Server, auth, mint, snapshot, sql, unique
+from conftest import Listener, Server, assert_error, auth, mint, snapshot, sql, unique
 
 BASE = "/api/v1/notifications"
 LONG = 600  # a visibility timeout no test outlives
@@ -39,13 +39,6 @@ def person(prefix: str = "user", scopes: str = "") -> Person:
 
 def stream_url(server: Server) -> str:
     return f"{server.url}{BASE}/stream"
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> None:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["code"] == code, error
-    assert error["message"], error
 
 
 async def ok(response: httpx.Response, status: int = 200) -> Any:
