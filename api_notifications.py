@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
 
-from deps import CurrentPrincipal, HubDep, NotificationsDep, SettingsDep, WindowDep
+from deps import CurrentPrincipal, HubDep, NotificationsDep, ResumeCursor, SettingsDep, WindowDep
 from exports import DOWNLOADS, Format, notification_export, respond
 from models import NotificationPriority
 from notifications import NotificationFilter, user_log
@@ -21,7 +21,7 @@ from schemas import (
     NotificationPriorityName,
     NotificationStats,
 )
-from streams import StreamResponse, StreamSpec, control_frame, open_stream, resume_cursor
+from streams import StreamResponse, control_frame, open_stream
 
 router = APIRouter(prefix="/api/v1/notifications", tags=["notifications"])
 
@@ -83,8 +83,7 @@ async def stream_notifications(
     notifications: NotificationsDep,
     settings: SettingsDep,
     principal: CurrentPrincipal,
-    last_event_id: Annotated[int | None, Query(ge=0, description="resume after this sequence")] = None,
-    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    cursor: ResumeCursor,
 ) -> StreamResponse:
     """`notification.created|read|deleted` with ids, and `unread_count` on connect and after changes."""
 
@@ -93,16 +92,7 @@ async def stream_notifications(
             "unread_count", {"unread_count": await notifications.unread_count(principal.subject)}
         )
 
-    spec = StreamSpec(
-        log=user_log(principal.subject),
-        cursor=resume_cursor(last_event_id_header, last_event_id),
-        types=None,
-        lifetime=settings.stream_lifetime_seconds,
-        retry_ms=settings.retry_ms,
-        token_expires_at=principal.expires_at,
-        side_frame=unread,
-    )
-    return open_stream(hub, spec, settings.heartbeat_seconds, settings.subscriber_buffer)
+    return open_stream(hub, settings, principal, user_log(principal.subject), cursor, side_frame=unread)
 
 
 @router.patch("/{notification_id}")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
 
-from deps import CurrentPrincipal, HubDep, QueueName, SettingsDep, WindowDep
+from deps import CurrentPrincipal, HubDep, QueueName, ResumeCursor, SettingsDep, WindowDep
 from exports import DOWNLOADS, Format, event_export, respond
 from hub import queue_log
 from schemas import EventOut, Page, QueueCreate, QueueOut, QueueUpdate
-from streams import StreamResponse, StreamSpec, open_stream, resume_cursor
+from streams import StreamResponse, open_stream
 
 router = APIRouter(prefix="/api/v1/queues", tags=["queues"])
 
@@ -91,21 +91,12 @@ async def stream_queue(
     hub: HubDep,
     settings: SettingsDep,
     principal: CurrentPrincipal,
-    last_event_id: Annotated[int | None, Query(ge=0, description="resume after this sequence")] = None,
+    cursor: ResumeCursor,
     types: Annotated[
         list[str] | None, Query(description="only these event types (repeat or comma-separate)")
     ] = None,
-    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamResponse:
     principal.require("subscribe", queue)
     await hub.live_queue(queue)
     wanted = frozenset(t.strip() for given in types for t in given.split(",") if t.strip()) if types else None
-    spec = StreamSpec(
-        log=queue_log(queue),
-        cursor=resume_cursor(last_event_id_header, last_event_id),
-        types=wanted,
-        lifetime=settings.stream_lifetime_seconds,
-        retry_ms=settings.retry_ms,
-        token_expires_at=principal.expires_at,
-    )
-    return open_stream(hub, spec, settings.heartbeat_seconds, settings.subscriber_buffer)
+    return open_stream(hub, settings, principal, queue_log(queue), cursor, wanted)

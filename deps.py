@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Path, Query, Request
+from fastapi import Depends, Header, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from auth import Principal, TokenCodec
@@ -14,6 +14,7 @@ from leases import Leases
 from models import QUEUE_NAME_PATTERN
 from notifications import Notifications
 from settings import Settings
+from streams import resume_cursor
 from tokens import TokenStore
 
 _bearer = HTTPBearer(auto_error=False, description="a token from `python main.py token`")
@@ -73,7 +74,17 @@ async def _tokens(request: Request) -> TokenStore:
     return tokens
 
 
+async def _resume_cursor(
+    last_event_id: Annotated[int | None, Query(ge=0, description="resume after this sequence")] = None,
+    last_event_id_header: Annotated[
+        str | None, Header(alias="Last-Event-ID", description="set by EventSource; wins over last_event_id")
+    ] = None,
+) -> int | None:
+    return resume_cursor(last_event_id_header, last_event_id)
+
+
 HubDep = Annotated[Hub, Depends(_hub)]
+ResumeCursor = Annotated[int | None, Depends(_resume_cursor)]
 TokensDep = Annotated[TokenStore, Depends(_tokens)]
 NotificationsDep = Annotated[Notifications, Depends(_notifications)]
 LeasesDep = Annotated[Leases, Depends(_leases)]

@@ -12,15 +12,17 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from auth import Principal
 from broker import Broker, Subscriber
 from hub import Hub
 from schemas import Update
+from settings import Settings
 
 REPLAY_PAGE = 500
 HEARTBEAT = b":\n\n"
@@ -225,8 +227,25 @@ async def _send_within(send: Send, chunk: bytes, limit: float) -> bool:
     return True
 
 
-def open_stream(hub: Hub, spec: StreamSpec, heartbeat: float, buffer: int) -> StreamResponse:
+def open_stream(
+    hub: Hub,
+    settings: Settings,
+    principal: Principal,
+    log: str,
+    cursor: int | None,
+    types: frozenset[str] | None = None,
+    side_frame: SideFrame | None = None,
+) -> StreamResponse:
     """Subscribe now, before any header is sent, then hand the stream to the response."""
-    subscriber = hub.broker.subscribe([spec.log], buffer)
-    stream = LogStream(hub, subscriber, replace(spec, heartbeat=heartbeat))
-    return StreamResponse(stream, hub.broker, subscriber)
+    spec = StreamSpec(
+        log=log,
+        cursor=cursor,
+        types=types,
+        lifetime=settings.stream_lifetime_seconds,
+        retry_ms=settings.retry_ms,
+        token_expires_at=principal.expires_at,
+        heartbeat=settings.heartbeat_seconds,
+        side_frame=side_frame,
+    )
+    subscriber = hub.broker.subscribe([log], settings.subscriber_buffer)
+    return StreamResponse(LogStream(hub, subscriber, spec), hub.broker, subscriber)
