@@ -12,7 +12,7 @@ import json
 import os
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from loguru import logger
@@ -27,7 +27,17 @@ OUTBOX_LIMIT = 10_000
 class Subscriber:
     """One stream's inbox: a bounded buffer and a flag to re-read the database."""
 
-    __slots__ = ("capacity", "closed", "inbox", "logs", "must_catch_up", "wakeup")
+    __slots__ = (
+        "capacity",
+        "closed",
+        "inbox",
+        "logs",
+        "must_catch_up",
+        "sending_since",
+        "stalled",
+        "task",
+        "wakeup",
+    )
 
     def __init__(self, logs: frozenset[str], capacity: int) -> None:
         self.logs = logs
@@ -36,6 +46,11 @@ class Subscriber:
         self.wakeup = asyncio.Event()
         self.must_catch_up = False
         self.closed = False
+        # Set by the stream around each write, read by `cut_stalled`: a watchdog that costs a
+        # write stamp per frame instead of a timer per frame.
+        self.sending_since = 0.0
+        self.stalled = False
+        self.task: asyncio.Task[Any] | None = None
 
     def offer(self, update: Update) -> None:
         if len(self.inbox) >= self.capacity:
@@ -64,6 +79,7 @@ class Broker(Protocol):
     def subscribe(self, logs: Iterable[str], capacity: int) -> Subscriber: ...
     def unsubscribe(self, subscriber: Subscriber) -> None: ...
     def close_all(self) -> None: ...
+    def cut_stalled(self, limit: float) -> int: ...
     @property
     def subscriber_count(self) -> int: ...
 
@@ -95,6 +111,18 @@ class LocalFanout:
         for update in updates:
             for subscriber in self._by_log.get(update.log, ()):
                 subscriber.offer(update)
+
+    def cut_stalled(self, limit: float) -> int:
+        """End the streams whose client has not taken a frame for `limit` seconds."""
+        now, cut = asyncio.get_running_loop().time(), 0
+        for subscribers in self._by_log.values():
+            for subscriber in subscribers:
+                since = subscriber.sending_since
+                if since and now - since > limit and subscriber.task is not None and not subscriber.stalled:
+                    subscriber.stalled = True
+                    subscriber.task.cancel()
+                    cut += 1
+        return cut
 
     def close_all(self) -> None:
         for subscribers in self._by_log.values():
