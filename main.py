@@ -57,7 +57,7 @@ from notifications import Notifications
 from observability import RequestContext, configure_logging
 from schemas import parse_duration
 from settings import Settings, SettingsError, load_settings, tortoise_config
-from streams import SEND_TIMEOUT_SECONDS, DirectSend
+from streams import DirectSend
 from sweeper import Sweeper
 from tokens import Revocations, TokenStore, issue_token
 from worker import Worker, WorkerError, WorkerOptions
@@ -139,7 +139,7 @@ def _sweeper(app: FastAPI, settings: Settings) -> Sweeper:
         partial(leases.release_expired, LEASES_PER_TICK),
         notifications.check_backlogs,
         app.state.revocations.refresh,
-        partial(app.state.hub.broker.cut_stalled, SEND_TIMEOUT_SECONDS),
+        partial(app.state.hub.broker.cut_stalled, settings.stream_send_timeout_seconds),
     ]
     retention = [
         partial(hub.expire_messages, ROWS_PER_TICK),

@@ -28,8 +28,6 @@ from settings import Settings
 REPLAY_PAGE = 500
 DIRECT_SEND = "pombo.direct_send"
 HEARTBEAT = b":\n\n"
-# Cut a client that stops reading: its socket buffer would otherwise hold the stream open.
-SEND_TIMEOUT_SECONDS = 30.0
 
 
 def frame(update: Update) -> bytes:
@@ -177,7 +175,7 @@ class StreamResponse(Response):
     """SSE written straight to the ASGI `send`: no task per stream but one disconnect watcher.
 
     It keeps what a stream needs: the subscription is released however the stream ends, a
-    client that stops reading is cut after `SEND_TIMEOUT_SECONDS`, heartbeats come from the
+    client that stops reading is cut by the `cut_stalled` watchdog, heartbeats come from the
     stream itself, and on shutdown the stream ends cleanly (the client resumes elsewhere).
     Measured against sse-starlette in NOTES.md.
     """
@@ -217,7 +215,7 @@ class StreamResponse(Response):
                 raise
             if task is not None:
                 task.uncancel()  # cut by the watchdog: end here, and the connection closes
-            logger.warning("cut a stream whose client stopped reading for {} s", SEND_TIMEOUT_SECONDS)
+            logger.warning("cut a stream whose client stopped reading")
         finally:
             watcher.cancel()
             self._broker.unsubscribe(subscriber)

@@ -236,3 +236,28 @@ async def test_shutdown_ends_open_streams_and_the_process(make_server: Any) -> N
             assert await asyncio.to_thread(server.stop) is not None
             assert time.monotonic() - started < 8
             assert await _finishes(listener)
+
+
+async def test_a_client_that_stops_reading_is_cut(make_server: Any) -> None:
+    server = make_server(stream_send_timeout_seconds="1", sweep_seconds="0.2").start()
+    async with server.client() as http:
+        queue = await create_queue(http)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        request = f"GET /api/v1/queues/{queue}/stream HTTP/1.1\r\nHost: pombo\r\n{auth_line()}\r\n\r\n"
+        writer.write(request.encode())
+        await reader.readuntil(b"\r\n\r\n")  # connected; from now on this client reads nothing
+        big = [{"body": "x" * 200_000} for _ in range(40)]
+        for _ in range(3):  # about 24 MB of frames: more than the sockets can buffer
+            assert (
+                await http.post(f"/api/v1/queues/{queue}/messages/batch", json={"items": big})
+            ).status_code == 201
+        deadline = time.monotonic() + 10
+        while (await http.get("/healthz")).json()["streams"] > 0:
+            assert time.monotonic() < deadline, "a stalled client still holds its stream"
+            await asyncio.sleep(0.2)
+        writer.close()
+    assert "cut a stream whose client stopped reading" in server.log()
+
+
+def auth_line() -> str:
+    return "Authorization: " + ADMIN["Authorization"]
