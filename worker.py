@@ -74,6 +74,8 @@ class Worker:
                     self._options.queue, CLAIM_WAIT_SECONDS, self._options.visibility_timeout
                 )
             except PomboError as error:
+                if error.status in (401, 403, 404):  # no retry will fix a token, a scope or a name
+                    raise WorkerError(f"cannot claim from {self._options.queue}: {error}") from None
                 logger.error("claim failed: {}", error)
                 await asyncio.sleep(ERROR_PAUSE_SECONDS)
                 continue

@@ -279,3 +279,14 @@ async def test_subscribe_resumes_after_the_server_restarts(make_server: Any) -> 
     events = [json.loads(line) for line in lines.decode().splitlines()]
     assert [e["seq"] for e in events] == [1, 2, 3]
     assert [e["data"].get("body") for e in events[1:]] == ["before", "after"]
+
+
+async def test_a_worker_without_the_consume_scope_stops_with_one_clear_line(sqlite_server: Server) -> None:
+    async with sqlite_server.client() as http:
+        queue = await create_queue(http)
+    env = {**os.environ, "POMBO_URL": sqlite_server.url, "POMBO_TOKEN": mint("reader", f"subscribe:{queue}")}
+    command = [sys.executable, str(ROOT / "main.py"), "work", queue, "--", "true"]
+    done = await asyncio.to_thread(subprocess.run, command, env=env, capture_output=True, timeout=30)
+    assert done.returncode == 1
+    last = done.stderr.decode().strip().splitlines()[-1]
+    assert last.startswith(f"pombo: cannot claim from {queue}") and "forbidden" in last
