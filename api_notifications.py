@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from deps import CurrentPrincipal, HubDep, NotificationsDep, ResumeCursor, SettingsDep, WindowDep
 from exports import DOWNLOADS, Format, notification_export, respond
@@ -21,7 +21,7 @@ from schemas import (
     NotificationPriorityName,
     NotificationStats,
 )
-from streams import StreamResponse, control_frame, open_stream
+from streams import StreamResponse, control_frame, documented_as_sse, open_stream
 
 router = APIRouter(prefix="/api/v1/notifications", tags=["notifications"])
 
@@ -71,13 +71,7 @@ async def create_notifications(
     return Items(items=await notifications.create(spec))
 
 
-@router.get(
-    "/stream",
-    response_class=JSONResponse,
-    responses={
-        200: {"content": {"text/event-stream": {}}, "description": "the caller's notifications as SSE"}
-    },
-)
+@router.get("/stream", **documented_as_sse("the caller's notifications as SSE"))
 async def stream_notifications(
     hub: HubDep,
     notifications: NotificationsDep,

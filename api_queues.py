@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from deps import CurrentPrincipal, HubDep, QueueName, ResumeCursor, SettingsDep, WindowDep
 from exports import DOWNLOADS, Format, event_export, respond
 from hub import queue_log
 from schemas import EventOut, Page, QueueCreate, QueueOut, QueueUpdate
-from streams import StreamResponse, open_stream
+from streams import StreamResponse, documented_as_sse, open_stream
 
 router = APIRouter(prefix="/api/v1/queues", tags=["queues"])
 
@@ -79,13 +79,7 @@ async def list_events(
     return Page(items=items, total=total, limit=limit, offset=0, has_more=len(items) < total)
 
 
-@router.get(
-    "/{queue}/stream",
-    response_class=JSONResponse,
-    responses={
-        200: {"content": {"text/event-stream": {}}, "description": "an SSE stream of the queue's events"}
-    },
-)
+@router.get("/{queue}/stream", **documented_as_sse("an SSE stream of the queue's events"))
 async def stream_queue(
     queue: QueueName,
     hub: HubDep,
