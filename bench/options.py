@@ -30,7 +30,7 @@ class Options:
     open_concurrency: int = 100
     workers: int = 8
     claim_messages: int = 5000
-    claim_batch: int = 1
+    claim_batch: tuple[int, ...] = (1, 10)
     server_pid: int | None = None
 
     @classmethod
@@ -57,7 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--open-concurrency", type=int, default=d.open_concurrency, help="streams being opened at once")
     add("--workers", type=int, default=d.workers, help="claim: concurrent workers")
     add("--claim-messages", type=int, default=d.claim_messages, help="claim: messages to work through")
-    add("--claim-batch", type=int, default=d.claim_batch, help="claim: max messages per claim")
+    add(
+        "--claim-batch",
+        type=_ints,
+        default=d.claim_batch,
+        help="claim: max messages per claim, each size in turn; 1 acks each alone, more in one batch ack",
+    )
     add("--server-pid", type=int, default=None, help="connections: read this process's RSS")
 
 

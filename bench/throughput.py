@@ -130,12 +130,15 @@ async def _batch_of(target: Target, options: Options, size: int) -> Result:
 
 
 async def claim(target: Target, options: Options) -> list[Result]:
+    return [await _claim_by(target, options, most) for most in options.claim_batch]
+
+
+async def _claim_by(target: Target, options: Options, most: int) -> Result:
+    """Workers claim up to `most` at a time: one message acks alone, several in one batch ack."""
     queue = await fresh_queue(target, "claim")
     await _fill(target, queue, options.claim_messages)
     budget = Budget(options.claim_messages, options.duration)
-    elapsed = await _measure(
-        target, options.workers, budget, lambda c: _work(c, queue, options.claim_batch, budget)
-    )
+    elapsed = await _measure(target, options.workers, budget, lambda c: _work(c, queue, most, budget))
     metrics = {
         "messages_per_s": per_second(len(budget.latencies), elapsed),
         "messages": len(budget.latencies),
@@ -143,8 +146,8 @@ async def claim(target: Target, options: Options) -> list[Result]:
         "errors": budget.errors,
         "loadgen_cpu_pct": budget.loadgen_cpu,
     }
-    params = {"workers": options.workers, "claim_max": options.claim_batch}
-    return [Result("claim", params, metrics, notes=_errors(budget))]
+    params = {"workers": options.workers, "claim_max": most, "ack": "each" if most == 1 else "batch"}
+    return Result("claim", params, metrics, notes=_errors(budget))
 
 
 async def _fill(target: Target, queue: str, count: int) -> None:
@@ -158,27 +161,26 @@ async def _fill(target: Target, queue: str, count: int) -> None:
 
 
 async def _work(client: Client, queue: str, most: int, budget: Budget) -> None:
-    """Claim, then ack each message; a latency sample is one message's claim-to-ack time."""
+    """Claim, then ack what came; a latency sample is one message's claim-to-ack time."""
     claim = json.dumps({"max": most}).encode()
     while time.perf_counter() < budget.deadline:
         began = time.perf_counter()
         try:
             items = (await client.request("POST", f"/api/v1/queues/{queue}/claim", claim)).expect(200).json()
+            if not items["items"]:
+                return
+            (await client.request("POST", *_ack(queue, items["items"], most))).expect(200)
         except (OSError, TimeoutError, HttpError) as error:
             budget.failed(error)
             return
-        if not items["items"]:
-            return
-        for item in items["items"]:
-            await _ack(client, queue, item, budget, began)
+        budget.latencies += [time.perf_counter() - began] * len(items["items"])
 
 
-async def _ack(client: Client, queue: str, item: dict[str, str], budget: Budget, began: float) -> None:
-    body = json.dumps({"lease_id": item["lease_id"]}).encode()
-    try:
-        response = await client.request("POST", f"/api/v1/queues/{queue}/messages/{item['id']}/ack", body)
-        response.expect(200)
-    except (OSError, TimeoutError, HttpError) as error:
-        budget.failed(error)
-        return
-    budget.latencies.append(time.perf_counter() - began)
+def _ack(queue: str, items: list[dict[str, str]], most: int) -> tuple[str, bytes]:
+    """One message acks on its own route, as a one-at-a-time worker would; several in one batch."""
+    if most == 1:
+        [item] = items
+        body = {"lease_id": item["lease_id"]}
+        return f"/api/v1/queues/{queue}/messages/{item['id']}/ack", json.dumps(body).encode()
+    pairs = [{"id": item["id"], "lease_id": item["lease_id"]} for item in items]
+    return f"/api/v1/queues/{queue}/ack", json.dumps({"items": pairs}).encode()
