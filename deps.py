@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -37,7 +37,17 @@ async def _principal(
         str | None, Query(description="for EventSource, which cannot send headers")
     ] = None,
 ) -> Principal:
-    token = credentials.credentials if credentials else access_token
+    del credentials, access_token  # declared for OpenAPI and validation; caller() reads both
+    return caller(request)
+
+
+def caller(request: Request) -> Principal:
+    """Who sent `request`: its bearer token (header, else `access_token` query) or anonymous.
+
+    Routes take it as a dependency (`CurrentPrincipal`); the publish route calls it directly,
+    since FastAPI's dependency solving measured about a fifth of a publish's CPU.
+    """
+    token = _bearer_token(request)
     if token:
         codec: TokenCodec = request.app.state.codec
         principal = codec.read(token)
@@ -81,6 +91,28 @@ async def _resume_cursor(
     ] = None,
 ) -> int | None:
     return resume_cursor(last_event_id_header, last_event_id)
+
+
+# What the `CurrentPrincipal` dependency adds to a route's OpenAPI, for a route calling caller().
+CALLER_DOCS: dict[str, Any] = {
+    "security": [{_bearer.scheme_name: []}],
+    "parameters": [
+        {
+            "name": "access_token",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "for EventSource, which cannot send headers",
+        }
+    ],
+}
+
+
+def _bearer_token(request: Request) -> str | None:
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials:
+        return credentials
+    return request.query_params.get("access_token")
 
 
 HubDep = Annotated[Hub, Depends(_hub)]

@@ -28,7 +28,7 @@ def queue_log(name: str) -> str:
 
 @dataclass(frozen=True)
 class Published:
-    message: Message | NewMessage
+    message: MessageOut  # built once: the event's data and the response are the same resource
     created: bool  # False when an idempotency key returned an earlier message
 
 
@@ -124,11 +124,9 @@ class Hub:
             fresh = [_new_message(tx, queue, d) for d in drafts if d.idempotency_key not in earlier]
             await _release_stale_keys(tx, queue, fresh)
             tx.insert_later(Message, [vars(m) for m in fresh])
-            for message in fresh:
-                emit_message(tx, message, name, "message.created")
-            new = iter(fresh)
+            new = iter([emit_message(tx, message, name, "message.created") for message in fresh])
             return [
-                Published(earlier[d.idempotency_key], False)
+                Published(MessageOut.of(earlier[d.idempotency_key], name), False)
                 if d.idempotency_key in earlier
                 else Published(next(new), True)
                 for d in drafts

@@ -19,7 +19,13 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from loguru import logger
-from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise import connections
+from tortoise.backends.base.client import BaseDBAsyncClient, TransactionContext
+from tortoise.backends.sqlite.client import (
+    SqliteClient,
+    SqliteTransactionContext,
+    SqliteTransactionWrapper,
+)
 from tortoise.models import Model
 from tortoise.transactions import in_transaction
 
@@ -134,13 +140,27 @@ class Writer:
             _settle(job.done, outcome)
 
     async def _transaction(self, jobs: list[_Job[Any]]) -> tuple[list[Any], list[Update]]:
-        async with in_transaction() as conn:
+        async with _transaction() as conn:
             tx = Tx(conn, utcnow())
             outcomes = [await _attempt(job.operation, tx) for job in jobs]
             for model, rows in tx.deferred.items():
                 await insert_rows(tx, model, rows)
             updates = await _append(tx)
         return outcomes, updates
+
+
+def _transaction() -> TransactionContext:
+    client = connections.get("default")
+    if isinstance(client, SqliteClient):
+        return SqliteTransactionContext(_SqliteTransaction(client), client._lock)
+    return in_transaction()
+
+
+class _SqliteTransaction(SqliteTransactionWrapper):
+    async def begin(self) -> None:
+        # Tortoise's begin() commits first: a no-op in autocommit mode, which is all this
+        # connection is outside a transaction, yet one more hop to aiosqlite's thread per group.
+        await self._connection.execute("BEGIN")
 
 
 async def _stop(_: Tx) -> None:
