@@ -10,17 +10,18 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
+from typing import Any
 
-from tortoise.expressions import F
+from tortoise.fields import DatetimeField
 
 from broker import Broker, Subscriber
 from errors import conflict, not_found, validation_error
 from hub import emit_message, live_queue_in, queue_log
-from models import Message, MessageStatus, Queue, new_id
+from models import Message, MessageStatus, NewMessage, Queue, new_id
 from notifications import dead_letter_alert, notify_owner
 from schemas import ClaimedMessage, MessageOut
 from writer import Tx, Writer
@@ -107,33 +108,32 @@ def _seconds_until(moment: datetime | None) -> float:
     return max(0.0, moment.timestamp() - time.time()) + 0.001
 
 
+# One statement per claim: pick the messages in index order and lease them. On PostgreSQL the
+# pick skips rows another replica has locked, so two replicas never lease one message.
+_CLAIM = (
+    "UPDATE messages SET status = ?, lease_id = ?, lease_expires_at = ?, attempts = attempts + 1, "
+    "updated_at = ? WHERE id IN (SELECT id FROM messages WHERE queue_id = ? AND status = ? "
+    "AND available_at <= ? ORDER BY priority, id LIMIT ?{lock}) RETURNING {columns}"
+)
+
+
 async def _claim(name: str, request: Claim, tx: Tx) -> tuple[list[ClaimedMessage], datetime | None]:
     queue = await live_queue_in(tx, name)
     # Expired leases come back through the sweeper (every `sweep_seconds`), not on this hot path.
-    query = Message.filter(queue_id=queue.id, status=MessageStatus.pending, available_at__lte=tx.now)
-    query = query.order_by("priority", "id").limit(request.max)
-    rows = await (query if tx.is_sqlite else query.select_for_update(skip_locked=True)).using_db(tx.conn)
-    if not rows:
-        return [], await _next_available(tx, queue)
     lease, expires = (
         new_id(),
         tx.now + timedelta(seconds=request.visibility_timeout or queue.visibility_timeout),
     )
-    await (
-        Message.filter(id__in=[m.id for m in rows])
-        .using_db(tx.conn)
-        .update(
-            status=MessageStatus.processing,
-            lease_id=lease,
-            lease_expires_at=expires,
-            attempts=F("attempts") + 1,
-            updated_at=tx.now,
-        )
-    )
+    values = [MessageStatus.processing, lease, _db("lease_expires_at", expires), _db("updated_at", tx.now)]
+    values += [queue.id, MessageStatus.pending, _db("available_at", tx.now), request.max]
+    lock = "" if tx.is_sqlite else " FOR UPDATE SKIP LOCKED"
+    rows = await tx.conn.execute_query_dict(tx.sql(_CLAIM.format(lock=lock, columns=_columns())), values)
+    if not rows:
+        return [], await _next_available(tx, queue)
+    # RETURNING keeps no order: put them back in claim order.
+    messages = sorted(map(_message, rows), key=lambda m: (m.priority, m.id))
     claimed = []
-    for message in rows:
-        message.status, message.lease_id, message.lease_expires_at = MessageStatus.processing, lease, expires
-        message.attempts, message.updated_at = message.attempts + 1, tx.now
+    for message in messages:
         resource = emit_message(tx, message, name, "message.claimed")
         claimed.append(ClaimedMessage(**resource.model_dump(), lease_id=lease))
     return claimed, None
@@ -162,25 +162,101 @@ async def _leased(tx: Tx, queue: Queue, outcome: Outcome) -> Message:
     message = await (query if tx.is_sqlite else query.select_for_update()).first()
     if message is None:
         raise not_found("message", outcome.message_id)
-    if message.lease_id != outcome.lease_id or message.status == MessageStatus.done:
-        raise conflict("lease_mismatch", "this lease does not hold the message", message_id=message.id)
-    expired = message.lease_expires_at is None or message.lease_expires_at <= tx.now
-    if message.status != MessageStatus.processing or expired:
-        raise conflict(
-            "lease_expired", "the lease expired; the message may be claimed again", message_id=message.id
-        )
+    expires = message.lease_expires_at
+    _check(outcome, Held(message.lease_id, message.status, expires is not None and expires > tx.now))
     return message
+
+
+@dataclass(frozen=True)
+class Held:
+    """What decides whether a lease still holds its message."""
+
+    lease_id: str | None
+    status: str
+    live: bool  # the lease has not expired
+
+
+def _check(outcome: Outcome, held: Held | None) -> None:
+    """Raise the 409 (or 404) that a call with this lease gets; before anything is written."""
+    if held is None:
+        raise not_found("message", outcome.message_id)
+    if held.lease_id != outcome.lease_id or held.status == MessageStatus.done:
+        raise conflict(
+            "lease_mismatch", "this lease does not hold the message", message_id=outcome.message_id
+        )
+    if held.status != MessageStatus.processing or not held.live:
+        raise conflict(
+            "lease_expired",
+            "the lease expired; the message may be claimed again",
+            message_id=outcome.message_id,
+        )
+
+
+# Every pair must hold, or nothing is written: a batch ack is all or none in one statement.
+_FINISH_HELD = (
+    "WITH held AS MATERIALIZED (SELECT id FROM messages WHERE queue_id = ? AND status = ? "
+    "AND lease_expires_at > ? AND id IN ({ids}) AND (id, lease_id) IN (VALUES {pairs}){lock}) "
+    "UPDATE messages SET status = ?, finished_at = ?, updated_at = ? "
+    "WHERE id IN (SELECT id FROM held) AND (SELECT count(*) FROM held) = ? RETURNING {columns}"
+)
+_HELD = (
+    "SELECT id, lease_id, status, lease_expires_at > ? AS live FROM messages "
+    "WHERE queue_id = ? AND id IN ({ids}){lock}"
+)
+_FINISH = (
+    "UPDATE messages SET status = ?, finished_at = ?, updated_at = ? WHERE id IN ({ids}) RETURNING {columns}"
+)
 
 
 async def _ack(name: str, outcomes: Sequence[Outcome], tx: Tx) -> list[MessageOut]:
     queue = await live_queue_in(tx, name)
-    held = [await _leased(tx, queue, outcome) for outcome in outcomes]  # all checked before any write
-    acked = []
-    for message in held:
-        message.status, message.finished_at, message.updated_at = MessageStatus.done, tx.now, tx.now
-        await message.save(using_db=tx.conn, update_fields=["status", "finished_at", "updated_at"])
-        acked.append(emit_message(tx, message, name, "message.acked"))
-    return acked
+    pairs = list(dict.fromkeys((outcome.message_id, outcome.lease_id) for outcome in outcomes))
+    ids = list(dict.fromkeys(message_id for message_id, _ in pairs))
+    rows = await _finish_held(tx, queue, pairs, ids)
+    if not rows:  # some lease does not hold: say which, or (it changed meanwhile) finish them now
+        await _check_held(tx, queue, outcomes, ids)
+        rows = await _finish(tx, ids)
+    done = {message.id: message for message in map(_message, rows)}
+    return [emit_message(tx, done[outcome.message_id], name, "message.acked") for outcome in outcomes]
+
+
+async def _finish_held(
+    tx: Tx, queue: Queue, pairs: list[tuple[str, str]], ids: list[str]
+) -> list[dict[str, Any]]:
+    now, processing, done = _db("updated_at", tx.now), MessageStatus.processing, MessageStatus.done
+    sql = _FINISH_HELD.format(
+        ids=_marks(len(ids)),
+        pairs=", ".join(["(?, ?)"] * len(pairs)),
+        lock="" if tx.is_sqlite else " FOR UPDATE",
+        columns=_columns(),
+    )
+    values = [
+        queue.id,
+        processing,
+        now,
+        *ids,
+        *(v for pair in pairs for v in pair),
+        done,
+        now,
+        now,
+        len(pairs),
+    ]
+    return await tx.conn.execute_query_dict(tx.sql(sql), values)
+
+
+async def _check_held(tx: Tx, queue: Queue, outcomes: Sequence[Outcome], ids: list[str]) -> None:
+    """Lock the messages and check every lease in order; the first that does not hold raises."""
+    sql = _HELD.format(ids=_marks(len(ids)), lock="" if tx.is_sqlite else " FOR UPDATE")
+    rows = await tx.conn.execute_query_dict(tx.sql(sql), [_db("lease_expires_at", tx.now), queue.id, *ids])
+    held = {row["id"]: Held(row["lease_id"], row["status"], bool(row["live"])) for row in rows}
+    for outcome in outcomes:
+        _check(outcome, held.get(outcome.message_id))
+
+
+async def _finish(tx: Tx, ids: list[str]) -> list[dict[str, Any]]:
+    now = _db("updated_at", tx.now)
+    sql = tx.sql(_FINISH.format(ids=_marks(len(ids)), columns=_columns()))
+    return await tx.conn.execute_query_dict(sql, [MessageStatus.done, now, now, *ids])
 
 
 async def _nack(name: str, outcome: Outcome, error: str | None, delay: float | None, tx: Tx) -> MessageOut:
@@ -260,3 +336,30 @@ async def _release_expired(queue: Queue | None, limit: int, tx: Tx) -> int:
 async def _queues_of(tx: Tx, messages: Sequence[Message]) -> dict[int, Queue]:
     ids = {m.queue_id for m in messages}
     return {q.id: q for q in await Queue.filter(id__in=ids).using_db(tx.conn)} if ids else {}
+
+
+def _columns() -> str:
+    """Every column of a message row, for RETURNING (Tortoise knows them once it is initialised)."""
+    return ", ".join(Message._meta.fields_db_projection.values())
+
+
+def _db(field: str, value: Any) -> Any:
+    """A value as Tortoise stores it in this field, so raw SQL compares and writes alike."""
+    return Message._meta.fields_map[field].to_db_value(value, Message)
+
+
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+def _message(row: Mapping[str, Any]) -> NewMessage:
+    """A message row from raw SQL, converted as Tortoise converts it, without a model object."""
+    values = {}
+    for name, column in Message._meta.fields_db_projection.items():
+        field, value = Message._meta.fields_map[name], row[column]
+        if isinstance(value, str) and isinstance(field, DatetimeField):
+            # SQLite keeps ISO text: parsed in C here (Tortoise's parser was most of this
+            # function's cost); Tortoise still applies its time zone.
+            value = datetime.fromisoformat(value)
+        values[name] = field.to_python_value(value)
+    return NewMessage(**values)
