@@ -59,13 +59,13 @@ async def publish(queue: QueueName, request: Request) -> Response:
     draft.idempotency_key = draft.idempotency_key or key
     [result] = await hub.publish(queue, [draft], principal)
     location = f"/api/v1/queues/{queue}/messages/{result.message.id}"
-    body = result.message.model_dump_json()
-    return Response(body, 201 if result.created else 200, {"Location": location}, JSON)
+    return Response(result.json, 201 if result.created else 200, {"Location": location}, JSON)
 
 
 @router.post(
     "/batch",
     status_code=201,
+    response_model=PublishedItems,
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -81,21 +81,16 @@ async def publish(queue: QueueName, request: Request) -> Response:
     },
 )
 async def publish_batch(
-    queue: QueueName,
-    request: Request,
-    response: Response,
-    hub: HubDep,
-    settings: SettingsDep,
-    principal: CurrentPrincipal,
-) -> PublishedItems:
+    queue: QueueName, request: Request, hub: HubDep, settings: SettingsDep, principal: CurrentPrincipal
+) -> Response:
     """Up to 1,000 messages in one transaction: all are stored, or none."""
     principal.require("publish", queue)
     raw = await read_body(request, settings.max_batch_bytes)
     drafts = _batch_drafts(_parse_json(raw), settings.max_batch_items)
     results = await hub.publish(queue, drafts, principal)
-    if not any(r.created for r in results):
-        response.status_code = 200
-    return PublishedItems(items=[r.message for r in results])
+    # PublishedItems, joined from the messages' JSON: encoding 1,000 of them again cost 6 ms.
+    body = '{"items":[' + ",".join(r.json for r in results) + "]}"
+    return Response(body, 201 if any(r.created for r in results) else 200, media_type=JSON)
 
 
 @router.get("", response_model=Page[MessageOut], responses=DOWNLOADS)
@@ -161,9 +156,13 @@ def _is_json(request: Request) -> bool:
 
 def _parse_json(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_not_json)
     except ValueError as error:
         raise bad_request("malformed_json", f"the body is not valid JSON: {error}") from None
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON value")  # Python's json reads NaN and Infinity
 
 
 def _json_draft(raw: bytes) -> Draft:

@@ -28,7 +28,8 @@ def queue_log(name: str) -> str:
 
 @dataclass(frozen=True)
 class Published:
-    message: MessageOut  # built once: the event's data and the response are the same resource
+    message: MessageOut
+    json: str  # `message` encoded, once: its event's data and the response body
     created: bool  # False when an idempotency key returned an earlier message
 
 
@@ -124,11 +125,11 @@ class Hub:
             fresh = [_new_message(tx, queue, d) for d in drafts if d.idempotency_key not in earlier]
             await _release_stale_keys(tx, queue, fresh)
             tx.insert_later(Message, [vars(m) for m in fresh])
-            new = iter([emit_message(tx, message, name, "message.created") for message in fresh])
+            new = iter([message_event(tx, message, name, "message.created") for message in fresh])
             return [
-                Published(MessageOut.of(earlier[d.idempotency_key], name), False)
+                _republished(earlier[d.idempotency_key], name)
                 if d.idempotency_key in earlier
-                else Published(next(new), True)
+                else Published(*next(new), created=True)
                 for d in drafts
             ]
 
@@ -259,9 +260,22 @@ async def live_queue_in(tx: Tx, name: str, create_for: str | None = None) -> Que
 def emit_message(
     tx: Tx, message: Message | NewMessage, queue: str, event: str, deleted: bool = False
 ) -> MessageOut:
+    return message_event(tx, message, queue, event, deleted)[0]
+
+
+def message_event(
+    tx: Tx, message: Message | NewMessage, queue: str, event: str, deleted: bool = False
+) -> tuple[MessageOut, str]:
+    """Emit `event` with the message as its data; returns the message and that data."""
     resource = MessageOut.of(message, queue, deleted_at=tx.now if deleted else None)
-    tx.emit(queue_log(queue), event, resource.model_dump_json())
-    return resource
+    data = resource.model_dump_json()
+    tx.emit(queue_log(queue), event, data)
+    return resource, data
+
+
+def _republished(message: Message, queue: str) -> Published:
+    resource = MessageOut.of(message, queue)
+    return Published(resource, resource.model_dump_json(), created=False)
 
 
 async def _status_counts(queue_ids: list[int], tx: Tx | None = None) -> dict[int, dict[str, int]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
@@ -32,7 +31,8 @@ def new_id() -> str:
     _last_id[:] = [millis, counter]
     random_bits = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
     value = (millis << 80) | (0x7 << 76) | (counter << 64) | (0x2 << 62) | random_bits
-    return str(uuid.UUID(int=value))
+    digits = f"{value:032x}"  # what str(uuid.UUID(int=value)) gives, at a fifth of the cost
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
 
 class Priority(IntEnum):

@@ -26,6 +26,7 @@ from tortoise.backends.sqlite.client import (
     SqliteTransactionContext,
     SqliteTransactionWrapper,
 )
+from tortoise.fields import Field
 from tortoise.models import Model
 from tortoise.transactions import in_transaction
 
@@ -217,8 +218,29 @@ async def insert_rows(tx: Tx, model: type[Model], rows: Sequence[Mapping[str, An
     names = list(rows[0])
     columns = ", ".join(f'"{fields[n].source_field or n}"' for n in names)
     sql = f'INSERT INTO "{model._meta.db_table}" ({columns}) VALUES ({", ".join("?" * len(names))})'
-    values = [[fields[n].to_db_value(row[n], model) for n in names] for row in rows]
-    await tx.conn.execute_many(tx.sql(sql), values)
+    converted = [_column(tx, model, fields[n], [row[n] for row in rows]) for n in names]
+    await tx.conn.execute_many(tx.sql(sql), [list(row) for row in zip(*converted, strict=True)])
+
+
+def _column(tx: Tx, model: type[Model], field: Field[Any], values: list[Any]) -> list[Any]:
+    """Each distinct object converted once: a batch's rows share their times, status and priority.
+
+    Keyed by identity, not equality: equal times in different zones are stored as different text.
+    """
+    keys = list(map(id, values))
+    empty: dict[type, Any] = {}  # every row's own `{}` of headers encodes alike
+
+    def convert(value: Any) -> Any:
+        if value.__class__ in (dict, list) and not value:
+            if value.__class__ not in empty:
+                empty[value.__class__] = field.to_db_value(value, model)
+            return empty[value.__class__]
+        converted = field.to_db_value(value, model)
+        # sqlite3's adapter as Tortoise registers it: once here, not once per cell in its thread.
+        return converted.isoformat(" ") if tx.is_sqlite and isinstance(converted, datetime) else converted
+
+    distinct = {key: convert(value) for key, value in dict(zip(keys, values, strict=True)).items()}
+    return list(map(distinct.__getitem__, keys))
 
 
 _BUMP = "UPDATE event_logs SET last_seq = last_seq + ? WHERE name = ? RETURNING last_seq"

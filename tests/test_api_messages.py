@@ -438,6 +438,25 @@ BAD_INPUT: dict[str, tuple[Callable[[str], Request], int, str]] = {
         400,
         "malformed_json",
     ),
+    # Python's json reads NaN and Infinity; storing them would hand subscribers invalid JSON.
+    "nan-in-json": (
+        lambda q: (
+            "POST",
+            messages_url(q),
+            {"content": b'{"body": {"x": NaN}}', "headers": {"Content-Type": "application/json"}},
+        ),
+        400,
+        "malformed_json",
+    ),
+    "infinity-in-batch": (
+        lambda q: (
+            "POST",
+            messages_url(q) + "/batch",
+            {"content": b'{"items": [{"body": -Infinity}]}', "headers": {"Content-Type": "application/json"}},
+        ),
+        400,
+        "malformed_json",
+    ),
     "unknown-envelope-field": (
         lambda q: ("POST", messages_url(q), {"json": {"body": 1, "colour": "red"}}),
         422,
