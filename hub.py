@@ -16,7 +16,7 @@ from tortoise.queryset import QuerySet
 from auth import Principal
 from broker import Broker
 from errors import conflict, not_found, validation_error
-from models import Event, EventLog, Message, MessageStatus, NewMessage, Priority, Queue, new_id
+from models import Event, EventLog, Message, MessageStatus, NewMessage, Priority, Queue, new_id, utcnow
 from schemas import Draft, MessageOut, QueueCreate, QueueOut, QueueUpdate, Update, utc_text
 from settings import Settings
 from writer import Tx, Writer
@@ -118,19 +118,24 @@ class Hub:
         """All or nothing. Creates the queue when the caller may manage that name."""
         owner = principal.subject if principal.can("manage", name) else None
         _reject_repeated_keys(drafts)
+        # Built before the writer's turn, so that this work overlaps other groups' database
+        # time instead of adding to it. A message's time is when it arrived.
+        arrived = utcnow()
+        prepared = [_Fresh.of(draft, name, arrived) for draft in drafts]
 
         async def publish(tx: Tx) -> list[Published]:
             queue = await live_queue_in(tx, name, create_for=owner)
             earlier = await _earlier_by_key(tx, queue, drafts, self.settings.idempotency_seconds)
-            fresh = [_new_message(tx, queue, d) for d in drafts if d.idempotency_key not in earlier]
-            await _release_stale_keys(tx, queue, fresh)
-            tx.insert_later(Message, [vars(m) for m in fresh])
-            new = iter([message_event(tx, message, name, "message.created") for message in fresh])
+            fresh = [p for p in prepared if p.row.idempotency_key not in earlier]
+            await _release_stale_keys(tx, queue, [p.row for p in fresh])
+            tx.insert_later(Message, [vars(p.row) | {"queue_id": queue.id} for p in fresh])
+            for p in fresh:
+                tx.emit(queue_log(name), "message.created", p.published.json)
             return [
-                _republished(earlier[d.idempotency_key], name)
-                if d.idempotency_key in earlier
-                else Published(*next(new), created=True)
-                for d in drafts
+                _republished(earlier[p.row.idempotency_key], name)
+                if p.row.idempotency_key in earlier
+                else p.published
+                for p in prepared
             ]
 
         return await self.writer.run(publish)
@@ -260,22 +265,46 @@ async def live_queue_in(tx: Tx, name: str, create_for: str | None = None) -> Que
 def emit_message(
     tx: Tx, message: Message | NewMessage, queue: str, event: str, deleted: bool = False
 ) -> MessageOut:
-    return message_event(tx, message, queue, event, deleted)[0]
-
-
-def message_event(
-    tx: Tx, message: Message | NewMessage, queue: str, event: str, deleted: bool = False
-) -> tuple[MessageOut, str]:
-    """Emit `event` with the message as its data; returns the message and that data."""
-    resource = MessageOut.of(message, queue, deleted_at=tx.now if deleted else None)
-    data = resource.model_dump_json()
+    resource, data = encoded(message, queue, deleted_at=tx.now if deleted else None)
     tx.emit(queue_log(queue), event, data)
-    return resource, data
+    return resource
+
+
+def encoded(
+    message: Message | NewMessage, queue: str, deleted_at: datetime | None = None
+) -> tuple[MessageOut, str]:
+    """The message as the API shows it, and as JSON: its events' data, or a response body."""
+    resource = MessageOut.of(message, queue, deleted_at=deleted_at)
+    return resource, resource.model_dump_json()
 
 
 def _republished(message: Message, queue: str) -> Published:
-    resource = MessageOut.of(message, queue)
-    return Published(resource, resource.model_dump_json(), created=False)
+    return Published(*encoded(message, queue), created=False)
+
+
+@dataclass
+class _Fresh:
+    """A message about to be published: its row, less the queue id, and its answer."""
+
+    row: NewMessage
+    published: Published
+
+    @classmethod
+    def of(cls, draft: Draft, queue: str, now: datetime) -> _Fresh:
+        row = NewMessage(
+            id=new_id(),
+            queue_id=0,  # known inside the transaction that finds or creates the queue
+            body=draft.body,
+            content_type=draft.content_type,
+            type=draft.type,
+            priority=draft.priority,
+            headers=draft.headers,
+            idempotency_key=draft.idempotency_key,
+            available_at=draft.available_at(now),
+            created_at=now,
+            updated_at=now,
+        )
+        return cls(row, Published(*encoded(row, queue), created=True))
 
 
 async def _status_counts(queue_ids: list[int], tx: Tx | None = None) -> dict[int, dict[str, int]]:
@@ -345,22 +374,6 @@ async def _release_stale_keys(tx: Tx, queue: Queue, fresh: Sequence[NewMessage])
             .using_db(tx.conn)
             .update(idempotency_key=None)
         )
-
-
-def _new_message(tx: Tx, queue: Queue, draft: Draft) -> NewMessage:
-    return NewMessage(
-        id=new_id(),
-        queue_id=queue.id,
-        body=draft.body,
-        content_type=draft.content_type,
-        type=draft.type,
-        priority=draft.priority,
-        headers=draft.headers,
-        idempotency_key=draft.idempotency_key,
-        available_at=draft.available_at(tx.now),
-        created_at=tx.now,
-        updated_at=tx.now,
-    )
 
 
 def filtered_messages(query: QuerySet[Message], where: MessageFilter) -> QuerySet[Message]:
