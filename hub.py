@@ -5,6 +5,7 @@ Reads go straight to the database. Nothing here knows about HTTP beyond the erro
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -121,7 +122,11 @@ class Hub:
         # Built before the writer's turn, so that this work overlaps other groups' database
         # time instead of adding to it. A message's time is when it arrived.
         arrived = utcnow()
-        prepared = [_Fresh.of(draft, name, arrived) for draft in drafts]
+        prepared: list[_Fresh] = []
+        for start in range(0, len(drafts), _PREPARE_SLICE):
+            if start:
+                await asyncio.sleep(0)  # let the writer take its next step in between
+            prepared += [_Fresh.of(draft, name, arrived) for draft in drafts[start : start + _PREPARE_SLICE]]
 
         async def publish(tx: Tx) -> list[Published]:
             queue = await live_queue_in(tx, name, create_for=owner)
@@ -280,6 +285,9 @@ def encoded(
 
 def _republished(message: Message, queue: str) -> Published:
     return Published(*encoded(message, queue), created=False)
+
+
+_PREPARE_SLICE = 100
 
 
 @dataclass

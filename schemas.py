@@ -136,6 +136,8 @@ class Draft:
         )
 
     def available_at(self, now: datetime) -> datetime:
+        if not self.delay and self.not_before is None:
+            return now  # the very object: a batch's rows then convert it for storage once
         delayed = now + timedelta(seconds=self.delay)
         return max(delayed, self.not_before) if self.not_before else delayed
 
