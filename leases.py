@@ -55,6 +55,9 @@ class Leases:
 
     async def claim(self, name: str, request: Claim) -> list[ClaimedMessage]:
         """Claim now; if nothing is there, wait up to `request.wait` for work to arrive."""
+        if request.wait <= 0:  # no subscription: every event of the queue would visit it
+            claimed, _ = await self.writer.run(partial(_claim, name, request))
+            return claimed
         deadline = time.monotonic() + request.wait
         # Subscribed before the first try, so a publish between try and wait still wakes us.
         subscriber = self.broker.subscribe([queue_log(name)], capacity=64)

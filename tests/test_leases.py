@@ -306,6 +306,52 @@ async def test_batch_ack_is_all_or_nothing(server: Server, client: httpx.AsyncCl
     assert len(await events(client, queue, "message.acked")) == 5
 
 
+async def test_batch_ack_refuses_a_lease_of_another_claim_and_an_unknown_id(
+    server: Server, client: httpx.AsyncClient
+) -> None:
+    queue = await create_queue(client, visibility_timeout=LONG)
+    await publish_many(client, queue, 3)
+    first, second = await claim(client, queue, max=2), await claim(client, queue, max=1)
+    pairs = [{"id": m["id"], "lease_id": m["lease_id"]} for m in first + second]
+
+    before = await snapshot(server)
+    swapped = [*pairs[:2], {"id": pairs[2]["id"], "lease_id": pairs[0]["lease_id"]}]  # both leases ours
+    response = await client.post(f"{queue_url(queue)}/ack", json={"items": swapped})
+    assert assert_error(response, 409, "lease_mismatch")["details"] == {"message_id": pairs[2]["id"]}
+    unknown = [*pairs, {"id": "no-such-message", "lease_id": pairs[0]["lease_id"]}]
+    assert_error(
+        await client.post(f"{queue_url(queue)}/ack", json={"items": unknown}), 404, "message_not_found"
+    )
+    assert await snapshot(server) == before
+
+    assert [m["id"] for m in await ack_all(client, queue, first + second)] == [p["id"] for p in pairs]
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+async def test_a_batch_ack_holding_an_expired_lease_is_409_and_changes_nothing(
+    make_server: Any, request: pytest.FixtureRequest, database: str
+) -> None:
+    settings = {"sweep_seconds": "60"}  # no sweeper tick during the test: the lease expires unswept
+    if database == "postgres":
+        settings["database_url"] = request.getfixturevalue("pg_url")
+    server = make_server(**settings).start()
+    async with server.client() as http:
+        queue = await create_queue(http, visibility_timeout=LONG)
+        await publish_many(http, queue, 3)
+        held = await claim(http, queue, max=2)
+        stale = await claim(http, queue, max=1, visibility_timeout=0.3)
+        await asyncio.sleep(0.5)
+
+        before = await snapshot(server)
+        response = await http.post(
+            f"{queue_url(queue)}/ack",
+            json={"items": [{"id": m["id"], "lease_id": m["lease_id"]} for m in held + stale]},
+        )
+        assert assert_error(response, 409, "lease_expired")["details"] == {"message_id": stale[0]["id"]}
+        assert await snapshot(server) == before
+        assert len(await ack_all(http, queue, held)) == 2
+
+
 # Nack, backoff, dead letters, redrive -------------------------------------------------------------
 
 
