@@ -41,8 +41,11 @@ class PomboClient:
             "POST", f"/api/v1/queues/{queue}/messages", content=body.encode(), headers=text
         )
 
-    async def claim(self, queue: str, wait: float, visibility_timeout: float | None) -> list[dict[str, Any]]:
-        body = {"max": 1, "wait": wait, "visibility_timeout": visibility_timeout}
+    async def claim(
+        self, queue: str, wait: float, visibility_timeout: float | None, most: int = 1
+    ) -> list[dict[str, Any]]:
+        """Up to `most` messages, all under one lease; waits up to `wait` seconds for the first."""
+        body = {"max": most, "wait": wait, "visibility_timeout": visibility_timeout}
         answer = await self._call("POST", f"/api/v1/queues/{queue}/claim", json=body, timeout=wait + 30)
         items: list[dict[str, Any]] = answer["items"]
         return items
@@ -51,6 +54,11 @@ class PomboClient:
         await self._call(
             "POST", f"/api/v1/queues/{queue}/messages/{message_id}/ack", json={"lease_id": lease_id}
         )
+
+    async def ack_many(self, queue: str, messages: list[dict[str, Any]]) -> None:
+        """Ack them all in one request: all of them, or none when one lease no longer holds."""
+        items = [{"id": message["id"], "lease_id": message["lease_id"]} for message in messages]
+        await self._call("POST", f"/api/v1/queues/{queue}/ack", json={"items": items})
 
     async def nack(
         self, queue: str, message_id: str, lease_id: str, error: str, delay: float | None = None

@@ -18,6 +18,9 @@ import httpx
 import pytest
 from conftest import ROOT, SECRET, Server, mint, unique
 
+from client import PomboClient
+from worker import Worker, WorkerOptions
+
 TOKEN = mint("worker", "admin")
 
 
@@ -145,6 +148,110 @@ async def test_a_second_signal_stops_the_command_and_releases_the_message(
         assert await asyncio.to_thread(worker.wait, 15) == 0
         [message] = await messages(http, queue, "pending")
     assert message["last_error"] == "worker stopped while running it"
+
+
+async def test_a_worker_claims_in_batches_and_acks_each_batch_in_one_request(
+    sqlite_server: Server, tmp_path: Path
+) -> None:
+    handler = script(tmp_path, "ok.sh", "cat >/dev/null\n")
+    async with sqlite_server.client() as http:
+        queue = await create_queue(http)
+        await publish_many(http, queue, ["job"] * 12)
+        worker = pombo(sqlite_server, "work", queue, "--", handler, stderr=subprocess.DEVNULL)
+        try:
+            await wait_until(count_is(http, queue, "done", 12))
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(15)
+        log = await whole_log(http, queue)
+    # One slot claims alone, so each claim and each ack is one transaction: one `at` per request.
+    assert batch_sizes(log, "message.claimed") == [10, 2]
+    assert batch_sizes(log, "message.acked") == [10, 2]
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+async def test_the_batch_option_sets_how_many_one_claim_takes(
+    sqlite_server: Server, tmp_path: Path, batch: int
+) -> None:
+    handler = script(tmp_path, "ok.sh", "cat >/dev/null\n")
+    async with sqlite_server.client() as http, PomboClient(sqlite_server.url, TOKEN) as client:
+        queue = await create_queue(http)
+        await publish_many(http, queue, ["job"] * 6)
+        worker = asyncio.create_task(Worker(client, WorkerOptions(queue, [handler], batch=batch)).run())
+        try:
+            await wait_until(count_is(http, queue, "done", 6))
+        finally:
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+        log = await whole_log(http, queue)
+    expected = [1] * 6 if batch == 1 else [4, 2]
+    assert batch_sizes(log, "message.claimed") == expected
+    assert batch_sizes(log, "message.acked") == expected
+
+
+async def test_a_failing_message_is_nacked_and_the_rest_of_its_batch_acked(
+    sqlite_server: Server, tmp_path: Path
+) -> None:
+    handler = script(tmp_path, "pick.sh", 'if grep -q bad; then echo "bad input" >&2; exit 1; fi\n')
+    async with sqlite_server.client() as http:
+        queue = await create_queue(http, max_attempts=1)
+        await publish_many(http, queue, ["one", "bad", "two"])
+        worker = pombo(sqlite_server, "work", queue, "--", handler, stderr=subprocess.DEVNULL)
+        try:
+            await wait_until(count_is(http, queue, "done", 2))
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(15)
+        [dead] = await messages(http, queue, "dead")
+        log = await whole_log(http, queue)
+    assert (dead["body"], dead["last_error"]) == ("bad", "bad input")
+    assert sorted(m["body"] for m in acked_in(log)) == ["one", "two"]
+    assert batch_sizes(log, "message.claimed") == [3]
+
+
+async def test_sigterm_mid_batch_finishes_the_running_command_and_gives_back_the_rest(
+    sqlite_server: Server, tmp_path: Path
+) -> None:
+    started = tmp_path / "started"
+    slow = script(tmp_path, "slow.sh", f"cat >/dev/null; touch {started}; sleep 1.5; exit 0\n")
+    async with sqlite_server.client() as http:
+        queue = await create_queue(http)
+        first, *rest = await publish_many(http, queue, ["a", "b", "c"])
+        worker = pombo(sqlite_server, "work", queue, "--", slow, stderr=subprocess.DEVNULL)
+        await wait_until(_exists(started))
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(worker.wait, 15) == 0
+        assert [m["id"] for m in await messages(http, queue, "done")] == [first]
+        pending = await messages(http, queue, "pending")
+    assert sorted(m["id"] for m in pending) == sorted(rest)
+    assert {m["last_error"] for m in pending} == {"worker stopped before running it"}
+
+
+async def publish_many(http: httpx.AsyncClient, queue: str, bodies: list[str]) -> list[str]:
+    items = [{"body": body} for body in bodies]
+    response = await http.post(f"/api/v1/queues/{queue}/messages/batch", json={"items": items})
+    assert response.status_code == 201, response.text
+    return [item["id"] for item in response.json()["items"]]
+
+
+def count_is(http: httpx.AsyncClient, queue: str, status: str, count: int) -> Any:
+    async def check() -> bool:
+        return len(await messages(http, queue, status)) == count
+
+    return check
+
+
+def batch_sizes(log: list[dict[str, Any]], event: str) -> list[int]:
+    """How many `event`s each transaction wrote, in order (a transaction's events share `at`)."""
+    sizes: dict[str, int] = {}
+    for entry in log:
+        if entry["type"] == event:
+            sizes[entry["at"]] = sizes.get(entry["at"], 0) + 1
+    return list(sizes.values())
+
+
+def acked_in(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [entry["data"] for entry in log if entry["type"] == "message.acked"]
 
 
 async def test_a_killed_worker_s_message_comes_back_after_its_visibility_timeout(
