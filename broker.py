@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
-from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
@@ -22,12 +22,22 @@ from schemas import Update
 
 # Batches waiting for Redis; past this, Redis is too far behind and replicas re-read instead.
 OUTBOX_LIMIT = 10_000
+# How often the one clock wakes subscribers whose time came (heartbeats, lifetimes): late by at
+# most this, which no heartbeat or lifetime notices.
+TICK_SECONDS = 0.25
 
 
 class Subscriber:
-    """One stream's inbox: a bounded buffer and a flag to re-read the database."""
+    """One stream's inbox: a bounded buffer, a flag to re-read the database, and a way to wait.
+
+    Lean on purpose, as a server holds 10,000 of them: the inbox is a list swapped out whole by
+    `take`, a future exists only while its stream waits, and the broker's one clock wakes it at
+    `wake_at` (heartbeats, lifetime) instead of a timer per stream.
+    """
 
     __slots__ = (
+        "_event",
+        "_waiter",
         "capacity",
         "closed",
         "inbox",
@@ -36,14 +46,13 @@ class Subscriber:
         "sending_since",
         "stalled",
         "task",
-        "wakeup",
+        "wake_at",
     )
 
     def __init__(self, logs: frozenset[str], capacity: int) -> None:
         self.logs = logs
         self.capacity = capacity
-        self.inbox: deque[Update] = deque()
-        self.wakeup = asyncio.Event()
+        self.inbox: list[Update] = []
         self.must_catch_up = False
         self.closed = False
         # Set by the stream around each write, read by `cut_stalled`: a watchdog that costs a
@@ -51,6 +60,18 @@ class Subscriber:
         self.sending_since = 0.0
         self.stalled = False
         self.task: asyncio.Task[Any] | None = None
+        self.wake_at = math.inf
+        self._waiter: asyncio.Future[None] | None = None
+        self._event: asyncio.Event | None = None
+
+    @property
+    def wakeup(self) -> asyncio.Event:
+        """Set on every update, close and catch-up, for callers that prefer an event to `wait`."""
+        if self._event is None:
+            self._event = asyncio.Event()
+            if self.inbox or self.must_catch_up or self.closed:
+                self._event.set()
+        return self._event
 
     def offer(self, update: Update) -> None:
         if len(self.inbox) >= self.capacity:
@@ -58,17 +79,41 @@ class Subscriber:
             self.catch_up()
             return
         self.inbox.append(update)
-        self.wakeup.set()
+        self.wake()
 
     def close(self) -> None:
         """The stream should end: its client left, or the server is going down."""
         self.closed = True
-        self.wakeup.set()
+        self.wake()
 
     def catch_up(self) -> None:
         self.inbox.clear()
         self.must_catch_up = True
-        self.wakeup.set()
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self._event is not None:
+            self._event.set()
+
+    async def wait(self, until: float) -> None:
+        """Until there is something to do, or the loop's clock reaches `until`."""
+        if self.inbox or self.must_catch_up or self.closed:
+            return
+        self.wake_at = until
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+            self.wake_at = math.inf
+
+    def take(self) -> list[Update]:
+        """Everything buffered, oldest first; the inbox starts empty again."""
+        taken, self.inbox = self.inbox, []
+        return taken
 
 
 class Broker(Protocol):
@@ -79,23 +124,34 @@ class Broker(Protocol):
     def subscribe(self, logs: Iterable[str], capacity: int) -> Subscriber: ...
     def unsubscribe(self, subscriber: Subscriber) -> None: ...
     def close_all(self) -> None: ...
-    def cut_stalled(self, limit: float) -> int: ...
+    async def cut_stalled(self, limit: float) -> int: ...
+    def known_head(self, log: str) -> int | None: ...
+    def learn_head(self, log: str, seq: int) -> None: ...
     @property
     def subscriber_count(self) -> int: ...
 
 
 class LocalFanout:
-    """Delivers updates to this process's subscribers; both brokers build on it."""
+    """Delivers updates to this process's subscribers; both brokers build on it.
+
+    It also keeps the head of every log someone here subscribes to, learnt from what it
+    delivers, so that a stream opening live needs no database read; and one clock for all
+    subscribers, ticking while there are any.
+    """
 
     def __init__(self) -> None:
         self._by_log: dict[str, set[Subscriber]] = {}
         self._count = 0
+        self._heads: dict[str, int] = {}
+        self._clock: asyncio.TimerHandle | None = None
 
     def subscribe(self, logs: Iterable[str], capacity: int) -> Subscriber:
         subscriber = Subscriber(frozenset(logs), capacity)
         for log in subscriber.logs:
             self._by_log.setdefault(log, set()).add(subscriber)
         self._count += 1
+        if self._clock is None:
+            self._clock = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
@@ -106,13 +162,44 @@ class LocalFanout:
                 subscribers.discard(subscriber)
                 if not subscribers:
                     del self._by_log[log]
+                    self._heads.pop(log, None)
 
     def deliver(self, updates: Sequence[Update]) -> None:
+        heads = self._heads
         for update in updates:
-            for subscriber in self._by_log.get(update.log, ()):
+            subscribers = self._by_log.get(update.log)
+            if not subscribers:
+                continue
+            # Every event committed before this one has a lower number: the head is exact.
+            if heads.get(update.log, 0) < update.seq:
+                heads[update.log] = update.seq
+            for subscriber in subscribers:
                 subscriber.offer(update)
 
-    def cut_stalled(self, limit: float) -> int:
+    def known_head(self, log: str) -> int | None:
+        """The log's last sequence number, when known here without asking the database."""
+        return self._heads.get(log)
+
+    def learn_head(self, log: str, seq: int) -> None:
+        """Remember a head read from the database, for as long as the log has subscribers here."""
+        if log in self._by_log and self._heads.get(log, 0) < seq:
+            self._heads[log] = seq
+
+    def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for subscribers in self._by_log.values():
+            for subscriber in subscribers:
+                if subscriber.wake_at <= now:
+                    subscriber.wake()
+        self._clock = loop.call_later(TICK_SECONDS, self._tick) if self._count else None
+
+    def stop_clock(self) -> None:
+        if self._clock is not None:
+            self._clock.cancel()
+            self._clock = None
+
+    async def cut_stalled(self, limit: float) -> int:
         """End the streams whose client has not taken a frame for `limit` seconds."""
         now, cut = asyncio.get_running_loop().time(), 0
         for subscribers in self._by_log.values():
@@ -130,6 +217,7 @@ class LocalFanout:
                 subscriber.close()
 
     def catch_up_all(self) -> None:
+        self._heads.clear()  # something may have been missed: heads are read again
         for subscribers in self._by_log.values():
             for subscriber in subscribers:
                 subscriber.catch_up()
@@ -146,7 +234,7 @@ class MemoryBroker(LocalFanout):
         return None
 
     async def close(self) -> None:
-        return None
+        self.stop_clock()
 
     async def publish(self, updates: Sequence[Update]) -> None:
         self.deliver(updates)
@@ -186,6 +274,7 @@ class RedisBroker(LocalFanout):
         ]
 
     async def close(self) -> None:
+        self.stop_clock()
         await _cancel(self._tasks)
         await self._redis.aclose()
 
@@ -208,6 +297,10 @@ class RedisBroker(LocalFanout):
                 # Committed is committed: the other replicas re-read the database once we are back.
                 self._lost_some = True
                 logger.warning("redis publish failed ({}); replicas will catch up", error)
+
+    def known_head(self, log: str) -> int | None:
+        # Cut off from the other replicas, this process cannot know their last commits.
+        return super().known_head(log) if self.connected.is_set() else None
 
     async def ready(self) -> bool:
         try:

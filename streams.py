@@ -11,23 +11,24 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from loguru import logger
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import Principal
-from broker import Broker, Subscriber
+from broker import Subscriber
 from hub import Hub
 from schemas import Update
 from settings import Settings
 
 REPLAY_PAGE = 500
-DIRECT_SEND = "pombo.direct_send"
+DETACHED = "pombo.detached"
 HEARTBEAT = b":\n\n"
 
 
@@ -56,7 +57,7 @@ def resume_cursor(header: str | None, query: int | None) -> int | None:
 SideFrame = Callable[[], Awaitable[bytes]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StreamSpec:
     log: str
     cursor: int | None
@@ -68,31 +69,67 @@ class StreamSpec:
     side_frame: SideFrame | None = None
 
 
+Write = Callable[[bytes], Awaitable[None]]
+
+
 class LogStream:
+    """One client's stream: a single coroutine that writes each frame as it comes."""
+
+    __slots__ = ("_broker", "_hub", "_last", "_spec", "_subscriber", "_write")
+    _write: Write
+
     def __init__(self, hub: Hub, subscriber: Subscriber, spec: StreamSpec) -> None:
         self._hub = hub
+        self._broker = hub.broker
         self._subscriber = subscriber
         self._spec = spec
         self._last = 0
 
-    async def frames(self) -> AsyncGenerator[bytes, None]:
-        yield f"retry: {self._spec.retry_ms}\n\n".encode()
+    async def serve(self, receive: Receive, send: Send) -> None:
+        """Write the stream to `send` until it ends; however it ends, unsubscribe."""
+        subscriber, task = self._subscriber, asyncio.current_task()
+        subscriber.task = task
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, subscriber))
+        self._write = partial(_write, send, subscriber, asyncio.get_running_loop())
+        try:
+            await self._run()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the client went away mid-write
+        except asyncio.CancelledError:
+            if not subscriber.stalled:
+                raise
+            if task is not None:
+                task.uncancel()  # cut by the watchdog: end here, and the connection closes
+            logger.warning("cut a stream whose client stopped reading")
+        finally:
+            watcher.cancel()
+            self._broker.unsubscribe(subscriber)
+
+    async def _run(self) -> None:
+        write, spec = self._write, self._spec
+        await write(f"retry: {spec.retry_ms}\n\n".encode())
         reset = await self._position()
         if reset is not None:
-            yield reset
-        async for chunk in self._replay():
-            yield chunk
-        if self._spec.side_frame is not None:
-            yield await self._spec.side_frame()
-        async for chunk in self._live():
-            yield chunk
+            await write(reset)
+        if spec.cursor is not None:  # live only: whatever comes after the head arrives live
+            await self._replay()
+        if spec.side_frame is not None:
+            await write(await spec.side_frame())
+        await self._live()
 
     async def _position(self) -> bytes | None:
-        cursor = self._spec.cursor
-        if cursor is None:  # live from now: one query, as most browsers open most streams
-            self._last = await self._hub.log_head(self._spec.log)
+        cursor, log = self._spec.cursor, self._spec.log
+        if cursor is None:
+            # Subscribed before this read, so nothing after the head can be missed; the broker
+            # knows the head of a log it delivers, and most browsers open most streams live.
+            head = self._broker.known_head(log)
+            if head is None:
+                head = await self._hub.log_head(log)
+                self._broker.learn_head(log, head)
+            self._last = head
             return None
-        oldest, head = await self._hub.log_bounds(self._spec.log)
+        oldest, head = await self._hub.log_bounds(log)
         if oldest - 1 <= cursor <= head:
             self._last = cursor
             return None
@@ -101,54 +138,55 @@ class LogStream:
         reason = "cursor_ahead" if cursor > head else "cursor_expired"
         return control_frame("stream.reset", {"reason": reason, "oldest_seq": oldest})
 
-    async def _replay(self, upto: int | None = None) -> AsyncIterator[bytes]:
+    async def _replay(self, upto: int | None = None) -> bool:
+        """Send the log after the cursor (up to `upto`) from the database; True if anything was sent."""
+        sent = False
         while True:
             batch = await self._hub.read_log(self._spec.log, self._last, REPLAY_PAGE, upto)
             for update in batch:
-                chunk = self._advance(update)
-                if chunk:
-                    yield chunk
+                sent = await self._advance(update) or sent
             if len(batch) < REPLAY_PAGE:
-                return
+                return sent
 
-    async def _live(self) -> AsyncIterator[bytes]:
-        subscriber = self._subscriber
-        deadline = time.monotonic() + self._remaining()
-        while not subscriber.closed and time.monotonic() < deadline:
-            beat = time.monotonic() + self._spec.heartbeat
-            await _wait(subscriber, min(beat, deadline))
-            sent = False
-            async for chunk in self._drain():
-                sent = True
-                yield chunk
-            if sent and self._spec.side_frame is not None:
-                yield await self._spec.side_frame()
-            elif not sent and time.monotonic() >= beat:
-                yield HEARTBEAT  # a comment line: keeps proxies from closing an idle stream
+    async def _live(self) -> None:
+        subscriber, spec = self._subscriber, self._spec
+        now = asyncio.get_running_loop().time
+        deadline = now() + self._remaining()
+        while not subscriber.closed and now() < deadline:
+            beat = now() + spec.heartbeat
+            await subscriber.wait(min(beat, deadline))
+            if await self._drain():
+                if spec.side_frame is not None:
+                    await self._write(await spec.side_frame())
+            elif now() >= beat:
+                await self._write(HEARTBEAT)  # a comment line: keeps proxies from closing an idle stream
         if self._token_expired():
-            yield control_frame("stream.expired", {"reason": "token_expired"})
+            await self._write(control_frame("stream.expired", {"reason": "token_expired"}))
 
-    async def _drain(self) -> AsyncIterator[bytes]:
-        subscriber = self._subscriber
+    async def _drain(self) -> bool:
+        subscriber, sent = self._subscriber, False
         if subscriber.must_catch_up:
             subscriber.must_catch_up = False
-            async for chunk in self._replay():
-                yield chunk
-        while subscriber.inbox:
-            update = subscriber.inbox.popleft()
+            sent = await self._replay()
+        for update in subscriber.take():
             if update.seq <= self._last:
                 continue  # already sent by replay, or a late duplicate
             if update.seq > self._last + 1:
-                async for missed in self._replay(upto=update.seq - 1):
-                    yield missed
-            current = self._advance(update)
-            if current:
-                yield current
+                sent = await self._replay(upto=update.seq - 1) or sent
+            sent = await self._advance(update) or sent
+        return sent
 
-    def _advance(self, update: Update) -> bytes | None:
+    async def _advance(self, update: Update) -> bool:
         self._last = update.seq
         types = self._spec.types
-        return frame(update) if types is None or update.type in types else None
+        if types is None or update.type in types:
+            await self._write(frame(update))
+            return True
+        return False
+
+    def abandon(self) -> None:
+        """The response never started: release the subscription it was opened with."""
+        self._broker.unsubscribe(self._subscriber)
 
     def _remaining(self) -> float:
         remaining = self._spec.lifetime
@@ -162,85 +200,93 @@ class LogStream:
         return expires is not None and expires.timestamp() <= time.time() + 0.05
 
 
-async def _wait(subscriber: Subscriber, until: float) -> None:
-    """Until the broker wakes the subscriber, or the monotonic time `until`."""
-    timer = asyncio.get_running_loop().call_later(max(until - time.monotonic(), 0), subscriber.wakeup.set)
-    try:
-        await subscriber.wakeup.wait()
-    finally:
-        timer.cancel()
-        subscriber.wakeup.clear()
+async def _write(send: Send, subscriber: Subscriber, loop: asyncio.AbstractEventLoop, chunk: bytes) -> None:
+    subscriber.sending_since = loop.time()
+    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    subscriber.sending_since = 0.0
+
+
+async def _watch_disconnect(receive: Receive, subscriber: Subscriber) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    subscriber.close()
 
 
 class StreamResponse(Response):
-    """SSE written straight to the ASGI `send`: no task per stream but one disconnect watcher.
+    """SSE written straight to the ASGI `send`, after the request's middleware has finished.
 
-    It keeps what a stream needs: the subscription is released however the stream ends, a
-    client that stops reading is cut by the `cut_stalled` watchdog, heartbeats come from the
-    stream itself, and on shutdown the stream ends cleanly (the client resumes elsewhere).
-    Measured against sse-starlette in NOTES.md.
+    The response start goes through every middleware (status, request id, access line); then the
+    stream is handed to `DirectSend`, the outermost layer, so an idle stream holds no middleware
+    frames, no `Request` and no dependency stacks: a few coroutines and one disconnect watcher.
+    Heartbeats come from the stream itself, a client that stops reading is cut by the
+    `cut_stalled` watchdog, and on shutdown the stream ends cleanly (the client resumes elsewhere).
+    Measured in NOTES.md.
     """
 
     media_type = "text/event-stream"
 
-    def __init__(self, stream: LogStream, broker: Broker, subscriber: Subscriber) -> None:
+    def __init__(self, stream: LogStream) -> None:
         # See https://html.spec.whatwg.org/multipage/server-sent-events.html and nginx's
         # X-Accel-Buffering: a buffering proxy would hold events back.
         super().__init__(headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
         # Endless: chunked, never a Content-Length.
         self.raw_headers = [(name, value) for name, value in self.raw_headers if name != b"content-length"]
         self._stream = stream
-        self._broker = broker
-        self._subscriber = subscriber
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        subscriber, loop, task = self._subscriber, asyncio.get_running_loop(), asyncio.current_task()
-        subscriber.task = task
-        watcher = asyncio.create_task(self._watch(receive))
-        frames = self._stream.frames()
-        # The start goes through the middleware (status, request id); frames go straight out.
-        body = scope.get(DIRECT_SEND, send)
+        start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         try:
-            await send(
-                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-            )
-            async for chunk in frames:
-                subscriber.sending_since = loop.time()
-                await body({"type": "http.response.body", "body": chunk, "more_body": True})
-                subscriber.sending_since = 0.0
-            await body({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:
-            pass  # the client went away mid-write
-        except asyncio.CancelledError:
-            if not subscriber.stalled:
-                raise
-            if task is not None:
-                task.uncancel()  # cut by the watchdog: end here, and the connection closes
-            logger.warning("cut a stream whose client stopped reading")
-        finally:
-            watcher.cancel()
-            self._broker.unsubscribe(subscriber)
-            await frames.aclose()
+            await send(start)
+        except BaseException:
+            self._stream.abandon()
+            raise
+        detached: list[Detached] | None = scope.get(DETACHED)
+        serve = partial(_serve_as, _request_id(start), self._stream)
+        if detached is None:  # no DirectSend around the app: stream from here
+            await serve(receive, send)
+        else:
+            detached.append(serve)
 
-    async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self._subscriber.close()
+
+# A stream to serve once the middleware has returned: (receive, send) -> None.
+Detached = Callable[[Receive, Send], Awaitable[None]]
+
+
+async def _serve_as(request_id: str, stream: LogStream, receive: Receive, send: Send) -> None:
+    with logger.contextualize(request_id=request_id):
+        try:
+            await stream.serve(receive, send)
+        except Exception as error:  # noqa: BLE001 - past the middleware: say it here, then close
+            logger.opt(exception=error).error("stream failed")
+
+
+def _request_id(start: Message) -> str:
+    for name, value in start["headers"]:
+        if name == b"x-request-id":
+            return bytes(value).decode("latin-1")
+    return "-"
 
 
 class DirectSend:
-    """Outermost ASGI layer: keeps the server's own `send` in the scope for stream frames.
+    """Outermost ASGI layer: serves streams with the server's own `send`, after the app returned.
 
     Each frame of a stream otherwise passes through every middleware's `send` wrapper, which
-    profiles showed to be most of the cost of a delivery at 1,000 subscribers.
+    profiles showed to be most of the cost of a delivery at 1,000 subscribers; and an idle stream
+    otherwise keeps every middleware's frame, its `Request` and its scope alive.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[DIRECT_SEND] = send
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        detached: list[Detached] = []
+        # The app's scope is a copy: what the middleware adds to it is freed when it returns.
+        await self.app({**scope, DETACHED: detached}, receive, send)
+        for serve in detached:
+            await serve(receive, send)
 
 
 def documented_as_sse(description: str) -> dict[str, Any]:
@@ -273,4 +319,4 @@ def open_stream(
         side_frame=side_frame,
     )
     subscriber = hub.broker.subscribe([log], settings.subscriber_buffer)
-    return StreamResponse(LogStream(hub, subscriber, spec), hub.broker, subscriber)
+    return StreamResponse(LogStream(hub, subscriber, spec))

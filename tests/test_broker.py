@@ -13,7 +13,7 @@ import httpx
 import pytest
 from conftest import Listener, RedisProcess, Server, unique
 
-from broker import Broker, MemoryBroker, RedisBroker
+from broker import TICK_SECONDS, Broker, MemoryBroker, RedisBroker
 from schemas import Update
 
 
@@ -49,6 +49,62 @@ async def test_an_overflowing_subscriber_is_told_to_catch_up(broker: Broker) -> 
     await broker.publish([update("queue:a", seq) for seq in range(1, 6)])
     assert subscriber.must_catch_up
     assert len(subscriber.inbox) <= 3
+    broker.unsubscribe(subscriber)
+
+
+async def test_the_head_of_a_subscribed_log_is_known_from_what_it_delivers(broker: Broker) -> None:
+    subscriber = broker.subscribe(["queue:a"], capacity=10)
+    assert broker.known_head("queue:a") is None
+    broker.learn_head("queue:a", 3)
+    await broker.publish([update("queue:a", 4), update("queue:a", 5), update("queue:b", 9)])
+    broker.learn_head("queue:a", 4)  # a read that raced a delivery never moves the head back
+    assert broker.known_head("queue:a") == 5
+    broker.learn_head("queue:b", 9)
+    assert broker.known_head("queue:b") is None  # nobody here subscribes to it
+    broker.unsubscribe(subscriber)
+    assert broker.known_head("queue:a") is None
+
+
+async def test_a_broker_that_may_have_missed_something_forgets_its_heads() -> None:
+    broker = MemoryBroker()
+    subscriber = broker.subscribe(["queue:a"], capacity=10)
+    await broker.publish([update("queue:a", 1)])
+    broker.catch_up_all()
+    assert broker.known_head("queue:a") is None
+    assert subscriber.must_catch_up
+    broker.unsubscribe(subscriber)
+    await broker.close()
+
+
+async def test_a_replica_cut_off_from_redis_knows_no_head(own_redis: RedisProcess) -> None:
+    broker = RedisBroker(own_redis.url, f"test-{secrets.token_hex(4)}")
+    await broker.start()
+    try:
+        await asyncio.wait_for(broker.connected.wait(), 5)
+        subscriber = broker.subscribe(["queue:a"], capacity=10)
+        await broker.publish([update("queue:a", 1)])
+        assert broker.known_head("queue:a") == 1
+        own_redis.stop()
+        deadline = time.monotonic() + 10
+        while broker.connected.is_set():
+            assert time.monotonic() < deadline, "the broker did not notice Redis went away"
+            await asyncio.sleep(0.05)
+        assert broker.known_head("queue:a") is None
+        broker.unsubscribe(subscriber)
+    finally:
+        await broker.close()
+
+
+async def test_the_clock_wakes_a_waiting_subscriber_at_its_time(broker: Broker) -> None:
+    subscriber = broker.subscribe(["queue:a"], capacity=10)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.wait_for(subscriber.wait(started + 0.3), 2)
+    assert 0.3 <= loop.time() - started < 0.3 + TICK_SECONDS + 0.2
+    await broker.publish([update("queue:a", 1)])
+    await asyncio.wait_for(subscriber.wait(loop.time() + 60), 1)  # an update wakes it at once
+    assert [u.seq for u in subscriber.take()] == [1]
+    assert subscriber.inbox == []
     broker.unsubscribe(subscriber)
 
 
@@ -94,6 +150,27 @@ async def test_publish_on_one_replica_reaches_a_stream_on_the_other_within_100ms
                 lags.append(listener.events[-1][0] - sent)
     assert [json.loads(e.data)["body"] for e in listener.logged()] == list(range(5))
     assert max(lags) < 0.1, lags
+
+
+async def test_a_live_stream_on_a_replica_starts_at_the_head_the_other_replica_wrote(
+    make_server: Any, pg_url: str, redis_url: str
+) -> None:
+    publisher, streamer = await replicas(make_server, pg_url, redis_url)
+    async with publisher.client() as http:
+        queue = unique()
+        assert (await http.post("/api/v1/queues", json={"name": queue})).status_code == 201
+        url = f"{streamer.url}/api/v1/queues/{queue}/stream"
+        async with Listener(url) as first:
+            await asyncio.sleep(0.1)  # the other replica's subscription is ready
+            await publish_range(http, queue, range(3))
+            await first.wait_for(3)  # the streamer learnt the head (4) from Redis
+            async with Listener(url) as second:
+                await publish_range(http, queue, range(3, 4))
+                await second.wait_for(1)
+                await first.wait_for(4)
+                await asyncio.sleep(0.2)  # anything older or doubled would arrive now
+        assert [int(e.id) for e in first.logged()] == [2, 3, 4, 5]
+        assert [int(e.id) for e in second.logged()] == [5]
 
 
 async def test_a_redis_outage_loses_nothing_and_doubles_nothing(

@@ -80,6 +80,31 @@ async def test_resume_with_last_event_id_query(server: Server, client: httpx.Asy
     await resume_after_gap(server, client, use_header=False)
 
 
+async def test_a_live_stream_opened_beside_another_starts_at_the_head(
+    server: Server, client: httpx.AsyncClient
+) -> None:
+    queue = await create_queue(client)
+    async with Listener(stream_url(server, queue)) as first:
+        await publish_many(client, queue, [0, 1, 2])
+        await first.wait_for(3)
+        async with Listener(stream_url(server, queue)) as second:
+            await publish_many(client, queue, [3])
+            await second.wait_for(1)
+            await first.wait_for(4)
+            await asyncio.sleep(0.2)  # anything older or doubled would arrive now
+    assert [int(e.id) for e in first.logged()] == [2, 3, 4, 5]
+    assert [int(e.id) for e in second.logged()] == [5]
+
+
+async def test_a_stream_answers_with_the_request_id(server: Server, client: httpx.AsyncClient) -> None:
+    queue = await create_queue(client)
+    headers = {"X-Request-ID": "stream-42"}
+    async with client.stream("GET", f"/api/v1/queues/{queue}/stream", headers=headers) as response:
+        assert response.status_code == 200
+        assert response.headers["x-request-id"] == "stream-42"
+    assert f"GET /api/v1/queues/{queue}/stream 200" in server.log()
+
+
 async def test_header_cursor_wins_over_query(server: Server, client: httpx.AsyncClient) -> None:
     queue = await create_queue(client)
     await publish_many(client, queue, [1, 2, 3])
