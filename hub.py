@@ -74,7 +74,7 @@ class Hub:
             queue = await live_queue_in(tx, name)
             queue.update_from_dict(changes)
             queue.updated_at = tx.now
-            await queue.save(using_db=tx.conn)
+            await queue.save(using_db=tx.conn, update_fields=[*changes, "updated_at"])
             return await _emit_queue(tx, queue, "queue.updated")
 
         return await self.writer.run(update)
@@ -92,7 +92,7 @@ class Hub:
                 raise not_found("queue", name)
             queue.deleted_at = tx.now if deleted else None
             queue.updated_at = tx.now
-            await queue.save(using_db=tx.conn)
+            await queue.save(using_db=tx.conn, update_fields=["deleted_at", "updated_at"])
             return await _emit_queue(tx, queue, "queue.deleted" if deleted else "queue.restored")
 
         return await self.writer.run(change)
@@ -249,9 +249,14 @@ async def _emit_queue(tx: Tx, queue: Queue, event: str) -> QueueOut:
 
 
 async def queue_in(tx: Tx, name: str) -> Queue | None:
-    """The queue row, read once per transaction: a group of publishes to one queue reads it once."""
+    """The queue row, read once per transaction, and once for all while the writer knows it.
+
+    Operations change it in place and save only the fields they change, so the row the writer
+    keeps stays the row stored (notifications change `alert_active` on rows of their own).
+    """
     if name not in tx.queues:
-        queue = await Queue.filter(name=name).using_db(tx.conn).first()
+        known = tx.known_queues.get(name) if tx.known_queues is not None else None
+        queue = known or await Queue.filter(name=name).using_db(tx.conn).first()
         if queue is None:
             return None
         tx.queues[name] = queue

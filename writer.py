@@ -53,6 +53,8 @@ class Tx:
     now: datetime
     emitted: list[_Pending] = field(default_factory=list)
     queues: dict[str, Queue] = field(default_factory=dict)
+    # Queue rows as committed, kept across transactions when no other process writes them.
+    known_queues: dict[str, Queue] | None = None
     deferred: dict[type[Model], list[Mapping[str, Any]]] = field(default_factory=dict)
 
     def insert_later(self, model: type[Model], rows: Sequence[Mapping[str, Any]]) -> None:
@@ -94,6 +96,9 @@ class Writer:
         self._jobs: asyncio.Queue[_Job[Any]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # On SQLite this process is the only writer: a queue row read once stays true until one
+        # of our own transactions changes it. Any failed group forgets them all.
+        self._known_queues: dict[str, Queue] = {}
 
     async def run(self, operation: Operation[T]) -> T:
         """Run `operation` in the next group commit; returns after its commit."""
@@ -129,6 +134,7 @@ class Writer:
         try:
             outcomes, updates = await self._transaction(jobs)
         except Exception as error:  # noqa: BLE001 - isolate, then report per job
+            self._known_queues.clear()  # rolled back: rows changed in memory may not be stored
             if len(jobs) > 1:
                 for job in jobs:
                     await self._commit([job])
@@ -143,10 +149,14 @@ class Writer:
     async def _transaction(self, jobs: list[_Job[Any]]) -> tuple[list[Any], list[Update]]:
         async with _transaction() as conn:
             tx = Tx(conn, utcnow())
+            if isinstance(conn, SqliteClient):
+                tx.known_queues = self._known_queues
             outcomes = [await _attempt(job.operation, tx) for job in jobs]
             for model, rows in tx.deferred.items():
                 await insert_rows(tx, model, rows)
             updates = await _append(tx)
+        if tx.known_queues is not None:
+            tx.known_queues.update(tx.queues)  # committed
         return outcomes, updates
 
 

@@ -273,6 +273,20 @@ async def test_patch_changes_only_given_fields_and_logs_it(client: httpx.AsyncCl
     assert again.json()["visibility_timeout"] == 45.0
 
 
+async def test_a_patch_after_publishing_governs_the_next_claim(client: httpx.AsyncClient) -> None:
+    # The writer keeps queue rows between transactions: a change must reach what it keeps.
+    queue = await create_queue(client, visibility_timeout=30)
+    name = queue["name"]
+    await publish(client, name, {"n": 1})
+    patched = await client.patch(f"/api/v1/queues/{name}", json={"visibility_timeout": 600})
+    assert patched.status_code == 200, patched.text
+    claimed = await client.post(f"/api/v1/queues/{name}/claim", json={})
+    assert claimed.status_code == 200, claimed.text
+    [message] = claimed.json()["items"]
+    lease = (when(message["lease_expires_at"]) - when(message["updated_at"])).total_seconds()
+    assert 590 < lease <= 600
+
+
 @pytest.mark.parametrize(
     "patch",
     [
