@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
-import secrets
 import sys
 import time
 
@@ -80,4 +80,4 @@ def _request_id(scope: Scope) -> str:
             given: str = value.decode("latin-1")
             if _REQUEST_ID.match(given):
                 return given
-    return secrets.token_hex(16)  # as uuid4().hex looks, without building a UUID
+    return os.urandom(16).hex()  # as uuid4().hex looks, without building a UUID
