@@ -257,6 +257,7 @@ def _client_commands(commands: Any) -> None:
     work.add_argument("queue")
     work.add_argument("--concurrency", type=int, default=1)
     work.add_argument("--visibility-timeout", type=float, default=30.0)
+    work.add_argument("--batch", type=int, default=10, help="messages per claim; 1 for long commands")
 
 
 def _run_client(args: argparse.Namespace) -> int:
@@ -266,9 +267,13 @@ def _run_client(args: argparse.Namespace) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_subscribe(args))
         return 0
-    if not args.program or args.concurrency < 1:
-        raise ValueError("usage: python main.py work QUEUE [--concurrency N] -- COMMAND [ARGS…]")
-    options = WorkerOptions(args.queue, args.program, args.concurrency, args.visibility_timeout)
+    if not args.program or args.concurrency < 1 or not 1 <= args.batch <= 100:
+        raise ValueError(
+            "usage: python main.py work QUEUE [--concurrency N] [--batch 1..100] -- COMMAND [ARGS…]"
+        )
+    options = WorkerOptions(
+        args.queue, args.program, args.concurrency, args.visibility_timeout, batch=args.batch
+    )
     asyncio.run(_work(args, options))
     return 0
 

@@ -78,7 +78,8 @@ class Queue(Model):
 
 @dataclass
 class NewMessage:
-    """A message about to be inserted: plain attributes, no ORM machinery on the publish path."""
+    """A message row as plain attributes, no ORM machinery: one about to be inserted by a publish,
+    or one a claim or an ack read back."""
 
     id: str
     queue_id: int

@@ -397,3 +397,39 @@ async def test_a_worker_without_the_consume_scope_stops_with_one_clear_line(sqli
     assert done.returncode == 1
     last = done.stderr.decode().strip().splitlines()[-1]
     assert last.startswith(f"pombo: cannot claim from {queue}") and "forbidden" in last
+
+
+async def test_batch_one_leaves_the_rest_of_the_queue_to_other_workers(
+    sqlite_server: Server, tmp_path: Path
+) -> None:
+    gate = tmp_path / "go"
+    waiting = script(tmp_path, "wait.sh", f"cat >/dev/null; while [ ! -e {gate} ]; do sleep 0.05; done\n")
+    async with sqlite_server.client() as http:
+        queue = await create_queue(http)
+        for n in range(3):
+            await http.post(f"/api/v1/queues/{queue}/messages", json={"body": n})
+        worker = pombo(sqlite_server, "work", queue, "--batch", "1", "--", waiting)
+
+        async def one_taken() -> bool:
+            return len(await messages(http, queue, "processing")) == 1
+
+        await wait_until(one_taken)
+        await asyncio.sleep(0.5)  # a worker claiming more would have taken them by now
+        assert len(await messages(http, queue, "pending")) == 2
+        gate.touch()
+
+        async def drained() -> bool:
+            return len(await messages(http, queue, "done")) == 3
+
+        await wait_until(drained)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0
+
+
+@pytest.mark.parametrize("batch", ["0", "101"])
+async def test_a_batch_out_of_range_stops_with_the_usage_line(sqlite_server: Server, batch: str) -> None:
+    command = [sys.executable, str(ROOT / "main.py"), "work", "q", "--batch", batch, "--", "true"]
+    env = {**os.environ, "POMBO_URL": sqlite_server.url, "POMBO_TOKEN": TOKEN}
+    done = await asyncio.to_thread(subprocess.run, command, env=env, capture_output=True, timeout=30)
+    assert done.returncode != 0
+    assert "--batch 1..100" in done.stderr.decode()
