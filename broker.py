@@ -25,6 +25,9 @@ OUTBOX_LIMIT = 10_000
 # How often the one clock wakes subscribers whose time came (heartbeats, lifetimes): late by at
 # most this, which no heartbeat or lifetime notices.
 TICK_SECONDS = 0.25
+# The event after which a queue's log is no longer live, and how many live logs are remembered.
+GONE = "queue.deleted"
+LIVE_LIMIT = 10_000
 
 
 class Subscriber:
@@ -127,6 +130,9 @@ class Broker(Protocol):
     async def cut_stalled(self, limit: float) -> int: ...
     def known_head(self, log: str) -> int | None: ...
     def learn_head(self, log: str, seq: int) -> None: ...
+    def known_live(self, log: str) -> bool: ...
+    def live_mark(self) -> int: ...
+    def learn_live(self, log: str, mark: int) -> None: ...
     @property
     def subscriber_count(self) -> int: ...
 
@@ -135,14 +141,17 @@ class LocalFanout:
     """Delivers updates to this process's subscribers; both brokers build on it.
 
     It also keeps the head of every log someone here subscribes to, learnt from what it
-    delivers, so that a stream opening live needs no database read; and one clock for all
-    subscribers, ticking while there are any.
+    delivers, and which logs the database said are live until it delivers their `queue.deleted`,
+    so that a stream opening live needs no database read; and one clock for all subscribers,
+    ticking while there are any.
     """
 
     def __init__(self) -> None:
         self._by_log: dict[str, set[Subscriber]] = {}
         self._count = 0
         self._heads: dict[str, int] = {}
+        self._live: set[str] = set()
+        self._gone = 0  # deletions delivered: a lookup that raced one is not remembered
         self._clock: asyncio.TimerHandle | None = None
 
     def subscribe(self, logs: Iterable[str], capacity: int) -> Subscriber:
@@ -167,6 +176,9 @@ class LocalFanout:
     def deliver(self, updates: Sequence[Update]) -> None:
         heads = self._heads
         for update in updates:
+            if update.type == GONE:
+                self._live.discard(update.log)
+                self._gone += 1
             subscribers = self._by_log.get(update.log)
             if not subscribers:
                 continue
@@ -184,6 +196,21 @@ class LocalFanout:
         """Remember a head read from the database, for as long as the log has subscribers here."""
         if log in self._by_log and self._heads.get(log, 0) < seq:
             self._heads[log] = seq
+
+    def known_live(self, log: str) -> bool:
+        """Whether the database said the log's queue is live, and no deletion came since."""
+        return log in self._live
+
+    def live_mark(self) -> int:
+        """Taken before asking the database, handed to `learn_live` with its answer."""
+        return self._gone
+
+    def learn_live(self, log: str, mark: int) -> None:
+        if mark != self._gone:
+            return  # a deletion was delivered meanwhile: the answer may be stale
+        if len(self._live) >= LIVE_LIMIT:
+            self._live.clear()
+        self._live.add(log)
 
     def _tick(self) -> None:
         loop = asyncio.get_running_loop()
@@ -217,7 +244,10 @@ class LocalFanout:
                 subscriber.close()
 
     def catch_up_all(self) -> None:
-        self._heads.clear()  # something may have been missed: heads are read again
+        # Something may have been missed: heads and liveness are read again.
+        self._heads.clear()
+        self._live.clear()
+        self._gone += 1
         for subscribers in self._by_log.values():
             for subscriber in subscribers:
                 subscriber.catch_up()
@@ -301,6 +331,9 @@ class RedisBroker(LocalFanout):
     def known_head(self, log: str) -> int | None:
         # Cut off from the other replicas, this process cannot know their last commits.
         return super().known_head(log) if self.connected.is_set() else None
+
+    def known_live(self, log: str) -> bool:
+        return self.connected.is_set() and super().known_live(log)
 
     async def ready(self) -> bool:
         try:

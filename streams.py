@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import Principal
 from broker import Subscriber
-from hub import Hub
+from hub import Hub, queue_log
 from schemas import Update
 from settings import Settings
 
@@ -85,7 +85,7 @@ class LogStream:
         self._spec = spec
         self._last = 0
 
-    async def serve(self, receive: Receive, send: Send) -> None:
+    async def serve(self, receive: Receive, send: Send, request_id: str = "-") -> None:
         """Write the stream to `send` until it ends; however it ends, unsubscribe."""
         subscriber, task = self._subscriber, asyncio.current_task()
         subscriber.task = task
@@ -101,7 +101,9 @@ class LogStream:
                 raise
             if task is not None:
                 task.uncancel()  # cut by the watchdog: end here, and the connection closes
-            logger.warning("cut a stream whose client stopped reading")
+            logger.bind(request_id=request_id).warning("cut a stream whose client stopped reading")
+        except Exception as error:  # noqa: BLE001 - past the middleware: say it here, then close
+            logger.bind(request_id=request_id).opt(exception=error).error("stream failed")
         finally:
             watcher.cancel()
             self._broker.unsubscribe(subscriber)
@@ -241,7 +243,7 @@ class StreamResponse(Response):
             self._stream.abandon()
             raise
         detached: list[Detached] | None = scope.get(DETACHED)
-        serve = partial(_serve_as, _request_id(start), self._stream)
+        serve = partial(self._stream.serve, request_id=_request_id(start))
         if detached is None:  # no DirectSend around the app: stream from here
             await serve(receive, send)
         else:
@@ -250,14 +252,6 @@ class StreamResponse(Response):
 
 # A stream to serve once the middleware has returned: (receive, send) -> None.
 Detached = Callable[[Receive, Send], Awaitable[None]]
-
-
-async def _serve_as(request_id: str, stream: LogStream, receive: Receive, send: Send) -> None:
-    with logger.contextualize(request_id=request_id):
-        try:
-            await stream.serve(receive, send)
-        except Exception as error:  # noqa: BLE001 - past the middleware: say it here, then close
-            logger.opt(exception=error).error("stream failed")
 
 
 def _request_id(start: Message) -> str:
@@ -296,6 +290,20 @@ def documented_as_sse(description: str) -> dict[str, Any]:
         "response_class": JSONResponse,
         "responses": {200: {"content": {"text/event-stream": {}}, "description": description}},
     }
+
+
+async def live_queue_log(hub: Hub, name: str) -> str:
+    """The queue's log, once the queue is known live: from the broker's memory when it can be.
+
+    The same answer as `hub.live_queue` (`not_found` otherwise), without its database read for
+    every stream a crowd of browsers opens on one queue.
+    """
+    log, broker = queue_log(name), hub.broker
+    if not broker.known_live(log):
+        mark = broker.live_mark()
+        await hub.live_queue(name)
+        broker.learn_live(log, mark)
+    return log
 
 
 def open_stream(

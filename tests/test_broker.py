@@ -13,7 +13,7 @@ import httpx
 import pytest
 from conftest import Listener, RedisProcess, Server, unique
 
-from broker import TICK_SECONDS, Broker, MemoryBroker, RedisBroker
+from broker import GONE, TICK_SECONDS, Broker, MemoryBroker, RedisBroker
 from schemas import Update
 
 
@@ -65,15 +65,45 @@ async def test_the_head_of_a_subscribed_log_is_known_from_what_it_delivers(broke
     assert broker.known_head("queue:a") is None
 
 
-async def test_a_broker_that_may_have_missed_something_forgets_its_heads() -> None:
+async def test_a_broker_that_may_have_missed_something_forgets_what_it_knew() -> None:
     broker = MemoryBroker()
     subscriber = broker.subscribe(["queue:a"], capacity=10)
     await broker.publish([update("queue:a", 1)])
+    broker.learn_live("queue:a", broker.live_mark())
     broker.catch_up_all()
-    assert broker.known_head("queue:a") is None
+    assert broker.known_head("queue:a") is None and not broker.known_live("queue:a")
     assert subscriber.must_catch_up
     broker.unsubscribe(subscriber)
     await broker.close()
+
+
+async def test_a_live_log_is_remembered_until_its_queue_is_deleted(broker: Broker) -> None:
+    broker.learn_live("queue:a", broker.live_mark())
+    assert broker.known_live("queue:a") and not broker.known_live("queue:b")
+    await broker.publish([update("queue:a", 7), Update("queue:a", 8, GONE, "{}", "2026-01-01T00:00:00Z")])
+    assert not broker.known_live("queue:a")
+    mark = broker.live_mark()  # a lookup starts, then a deletion is delivered before it answers
+    await broker.publish([Update("queue:b", 1, GONE, "{}", "2026-01-01T00:00:00Z")])
+    broker.learn_live("queue:a", mark)
+    assert not broker.known_live("queue:a")
+
+
+async def test_a_deletion_on_one_replica_is_forgotten_on_the_other(redis_url: str) -> None:
+    prefix = f"test-{secrets.token_hex(4)}"
+    deleter, streamer = RedisBroker(redis_url, prefix), RedisBroker(redis_url, prefix)
+    for instance in (deleter, streamer):
+        await instance.start()
+        await asyncio.wait_for(instance.connected.wait(), 5)
+    try:
+        streamer.learn_live("queue:x", streamer.live_mark())
+        await deleter.publish([Update("queue:x", 3, GONE, "{}", "2026-01-01T00:00:00Z")])
+        deadline = time.monotonic() + 2
+        while streamer.known_live("queue:x"):
+            assert time.monotonic() < deadline, "the deletion did not reach the other replica"
+            await asyncio.sleep(0.01)
+    finally:
+        await deleter.close()
+        await streamer.close()
 
 
 async def test_a_replica_cut_off_from_redis_knows_no_head(own_redis: RedisProcess) -> None:
@@ -83,13 +113,14 @@ async def test_a_replica_cut_off_from_redis_knows_no_head(own_redis: RedisProces
         await asyncio.wait_for(broker.connected.wait(), 5)
         subscriber = broker.subscribe(["queue:a"], capacity=10)
         await broker.publish([update("queue:a", 1)])
-        assert broker.known_head("queue:a") == 1
+        broker.learn_live("queue:a", broker.live_mark())
+        assert broker.known_head("queue:a") == 1 and broker.known_live("queue:a")
         own_redis.stop()
         deadline = time.monotonic() + 10
         while broker.connected.is_set():
             assert time.monotonic() < deadline, "the broker did not notice Redis went away"
             await asyncio.sleep(0.05)
-        assert broker.known_head("queue:a") is None
+        assert broker.known_head("queue:a") is None and not broker.known_live("queue:a")
         broker.unsubscribe(subscriber)
     finally:
         await broker.close()

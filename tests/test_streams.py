@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import httpx
-from conftest import ADMIN, Listener, Server, auth, mint, sql, unique
+from conftest import ADMIN, Listener, Server, assert_error, auth, mint, sql, unique
 
 
 def stream_url(server: Server, queue: str) -> str:
@@ -183,6 +183,21 @@ async def test_closed_client_is_released_at_once(server: Server, client: httpx.A
     while (await client.get("/healthz")).json()["streams"] >= before:
         assert time.monotonic() < deadline, "the closed stream is still subscribed"
         await asyncio.sleep(0.02)
+
+
+async def test_a_deleted_queue_streams_again_only_once_restored(
+    server: Server, client: httpx.AsyncClient
+) -> None:
+    queue = await create_queue(client)
+    async with Listener(stream_url(server, queue)) as first, Listener(stream_url(server, queue)):
+        assert (await client.delete(f"/api/v1/queues/{queue}")).status_code == 200
+        await first.wait_for(1, event="queue.deleted")
+        assert_error(await client.get(f"/api/v1/queues/{queue}/stream"), 404, "queue_not_found")
+    assert (await client.post(f"/api/v1/queues/{queue}/restore")).status_code == 200
+    async with Listener(stream_url(server, queue)) as again:
+        await publish_many(client, queue, [1])
+        [created] = await again.wait_for(1, event="message.created")
+    assert json.loads(created.data)["body"] == 1
 
 
 async def test_stream_needs_a_token_and_the_subscribe_scope(
