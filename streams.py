@@ -214,6 +214,15 @@ async def _watch_disconnect(receive: Receive, subscriber: Subscriber) -> None:
     subscriber.close()
 
 
+# See https://html.spec.whatwg.org/multipage/server-sent-events.html and nginx's X-Accel-Buffering:
+# a buffering proxy would hold events back. Endless: chunked, never a Content-Length.
+_HEADERS = (
+    (b"cache-control", b"no-store"),
+    (b"x-accel-buffering", b"no"),
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+)
+
+
 class StreamResponse(Response):
     """SSE written straight to the ASGI `send`, after the request's middleware has finished.
 
@@ -228,11 +237,11 @@ class StreamResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(self, stream: LogStream) -> None:
-        # See https://html.spec.whatwg.org/multipage/server-sent-events.html and nginx's
-        # X-Accel-Buffering: a buffering proxy would hold events back.
-        super().__init__(headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
-        # Endless: chunked, never a Content-Length.
-        self.raw_headers = [(name, value) for name, value in self.raw_headers if name != b"content-length"]
+        # Not Response.__init__: the headers are always these, built once (_HEADERS).
+        self.status_code = 200
+        self.background = None
+        self.body = b""
+        self.raw_headers = list(_HEADERS)
         self._stream = stream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
