@@ -58,7 +58,7 @@ async def publish(queue: QueueName, request: Request) -> Response:
     draft = _json_draft(raw) if _is_json(request) else _text_draft(raw, request)
     draft.idempotency_key = draft.idempotency_key or key
     [result] = await hub.publish(queue, [draft], principal)
-    location = f"/api/v1/queues/{queue}/messages/{result.message.id}"
+    location = f"/api/v1/queues/{queue}/messages/{result.id}"
     return Response(result.json, 201 if result.created else 200, {"Location": location}, JSON)
 
 

@@ -29,8 +29,8 @@ def queue_log(name: str) -> str:
 
 @dataclass(frozen=True)
 class Published:
-    message: MessageOut
-    json: str  # `message` encoded, once: its event's data and the response body
+    id: str
+    json: str  # the message as MessageOut, encoded once: its event's data and the response body
     created: bool  # False when an idempotency key returned an earlier message
 
 
@@ -275,21 +275,13 @@ async def live_queue_in(tx: Tx, name: str, create_for: str | None = None) -> Que
 def emit_message(
     tx: Tx, message: Message | NewMessage, queue: str, event: str, deleted: bool = False
 ) -> MessageOut:
-    resource, data = encoded(message, queue, deleted_at=tx.now if deleted else None)
-    tx.emit(queue_log(queue), event, data)
+    resource = MessageOut.of(message, queue, deleted_at=tx.now if deleted else None)
+    tx.emit(queue_log(queue), event, resource.model_dump_json())
     return resource
 
 
-def encoded(
-    message: Message | NewMessage, queue: str, deleted_at: datetime | None = None
-) -> tuple[MessageOut, str]:
-    """The message as the API shows it, and as JSON: its events' data, or a response body."""
-    resource = MessageOut.of(message, queue, deleted_at=deleted_at)
-    return resource, resource.model_dump_json()
-
-
 def _republished(message: Message, queue: str) -> Published:
-    return Published(*encoded(message, queue), created=False)
+    return Published(message.id, MessageOut.json_of(message, queue), created=False)
 
 
 _PREPARE_SLICE = 100
@@ -317,7 +309,7 @@ class _Fresh:
             created_at=now,
             updated_at=now,
         )
-        return cls(row, Published(*encoded(row, queue), created=True))
+        return cls(row, Published(row.id, MessageOut.json_of(row, queue), created=True))
 
 
 async def _status_counts(queue_ids: list[int], tx: Tx | None = None) -> dict[int, dict[str, int]]:

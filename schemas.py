@@ -170,26 +170,35 @@ class MessageOut(BaseModel):
 
     @classmethod
     def of(cls, message: Message | NewMessage, queue: str, deleted_at: datetime | None = None) -> MessageOut:
-        json_body = message.content_type == JSON
-        return cls(
-            id=message.id,
-            queue=queue,
-            body=from_json(message.body) if json_body else message.body,
-            content_type=message.content_type,
-            type=message.type,
-            priority=Priority(message.priority).name,
-            headers=message.headers,
-            status=message.status,
-            attempts=message.attempts,
-            idempotency_key=message.idempotency_key,
-            available_at=message.available_at,
-            lease_expires_at=message.lease_expires_at,
-            last_error=message.last_error,
-            created_at=message.created_at,
-            updated_at=message.updated_at,
-            finished_at=message.finished_at,
-            deleted_at=deleted_at,
-        )
+        return cls(**_message_fields(message, queue, deleted_at))
+
+    @staticmethod
+    def json_of(message: Message | NewMessage, queue: str, deleted_at: datetime | None = None) -> str:
+        """`of(…).model_dump_json()` without building the model: half the cost, same text."""
+        return to_json(_message_fields(message, queue, deleted_at)).decode()
+
+
+def _message_fields(message: Message | NewMessage, queue: str, deleted_at: datetime | None) -> dict[str, Any]:
+    json_body = message.content_type == JSON
+    return {
+        "id": message.id,
+        "queue": queue,
+        "body": from_json(message.body) if json_body else message.body,
+        "content_type": message.content_type,
+        "type": message.type,
+        "priority": Priority(message.priority).name,
+        "headers": message.headers,
+        "status": message.status,
+        "attempts": message.attempts,
+        "idempotency_key": message.idempotency_key,
+        "available_at": message.available_at,
+        "lease_expires_at": message.lease_expires_at,
+        "last_error": message.last_error,
+        "created_at": message.created_at,
+        "updated_at": message.updated_at,
+        "finished_at": message.finished_at,
+        "deleted_at": deleted_at,
+    }
 
 
 class ClaimedMessage(MessageOut):
