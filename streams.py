@@ -14,7 +14,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from typing import Any
 
 from loguru import logger
@@ -69,14 +68,11 @@ class StreamSpec:
     side_frame: SideFrame | None = None
 
 
-Write = Callable[[bytes], Awaitable[None]]
-
-
 class LogStream:
     """One client's stream: a single coroutine that writes each frame as it comes."""
 
-    __slots__ = ("_broker", "_hub", "_last", "_spec", "_subscriber", "_write")
-    _write: Write
+    __slots__ = ("_broker", "_hub", "_last", "_send", "_spec", "_subscriber", "request_id")
+    _send: Send
 
     def __init__(self, hub: Hub, subscriber: Subscriber, spec: StreamSpec) -> None:
         self._hub = hub
@@ -84,13 +80,14 @@ class LogStream:
         self._subscriber = subscriber
         self._spec = spec
         self._last = 0
+        self.request_id = "-"
 
-    async def serve(self, receive: Receive, send: Send, request_id: str = "-") -> None:
+    async def serve(self, receive: Receive, send: Send) -> None:
         """Write the stream to `send` until it ends; however it ends, unsubscribe."""
-        subscriber, task = self._subscriber, asyncio.current_task()
+        subscriber, task, request_id = self._subscriber, asyncio.current_task(), self.request_id
         subscriber.task = task
         watcher = asyncio.ensure_future(_watch_disconnect(receive, subscriber))
-        self._write = partial(_write, send, subscriber, asyncio.get_running_loop())
+        self._send = send
         try:
             await self._run()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -109,15 +106,15 @@ class LogStream:
             self._broker.unsubscribe(subscriber)
 
     async def _run(self) -> None:
-        write, spec = self._write, self._spec
-        await write(f"retry: {spec.retry_ms}\n\n".encode())
+        spec = self._spec
+        await self._write(f"retry: {spec.retry_ms}\n\n".encode())
         reset = await self._position()
         if reset is not None:
-            await write(reset)
+            await self._write(reset)
         if spec.cursor is not None:  # live only: whatever comes after the head arrives live
             await self._replay()
         if spec.side_frame is not None:
-            await write(await spec.side_frame())
+            await self._write(await spec.side_frame())
         await self._live()
 
     async def _position(self) -> bytes | None:
@@ -151,16 +148,15 @@ class LogStream:
                 return sent
 
     async def _live(self) -> None:
-        subscriber, spec = self._subscriber, self._spec
-        now = asyncio.get_running_loop().time
-        deadline = now() + self._remaining()
-        while not subscriber.closed and now() < deadline:
-            beat = now() + spec.heartbeat
+        subscriber, spec, loop = self._subscriber, self._spec, asyncio.get_running_loop()
+        deadline = loop.time() + self._remaining()
+        while not subscriber.closed and loop.time() < deadline:
+            beat = loop.time() + spec.heartbeat
             await subscriber.wait(min(beat, deadline))
             if await self._drain():
                 if spec.side_frame is not None:
                     await self._write(await spec.side_frame())
-            elif now() >= beat:
+            elif loop.time() >= beat:
                 await self._write(HEARTBEAT)  # a comment line: keeps proxies from closing an idle stream
         if self._token_expired():
             await self._write(control_frame("stream.expired", {"reason": "token_expired"}))
@@ -186,6 +182,12 @@ class LogStream:
             return True
         return False
 
+    async def _write(self, chunk: bytes) -> None:
+        subscriber = self._subscriber
+        subscriber.sending_since = asyncio.get_running_loop().time()
+        await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+        subscriber.sending_since = 0.0
+
     def abandon(self) -> None:
         """The response never started: release the subscription it was opened with."""
         self._broker.unsubscribe(self._subscriber)
@@ -200,12 +202,6 @@ class LogStream:
     def _token_expired(self) -> bool:
         expires = self._spec.token_expires_at
         return expires is not None and expires.timestamp() <= time.time() + 0.05
-
-
-async def _write(send: Send, subscriber: Subscriber, loop: asyncio.AbstractEventLoop, chunk: bytes) -> None:
-    subscriber.sending_since = loop.time()
-    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    subscriber.sending_since = 0.0
 
 
 async def _watch_disconnect(receive: Receive, subscriber: Subscriber) -> None:
@@ -251,16 +247,12 @@ class StreamResponse(Response):
         except BaseException:
             self._stream.abandon()
             raise
-        detached: list[Detached] | None = scope.get(DETACHED)
-        serve = partial(self._stream.serve, request_id=_request_id(start))
+        self._stream.request_id = _request_id(start)
+        detached: list[LogStream] | None = scope.get(DETACHED)
         if detached is None:  # no DirectSend around the app: stream from here
-            await serve(receive, send)
+            await self._stream.serve(receive, send)
         else:
-            detached.append(serve)
-
-
-# A stream to serve once the middleware has returned: (receive, send) -> None.
-Detached = Callable[[Receive, Send], Awaitable[None]]
+            detached.append(self._stream)
 
 
 def _request_id(start: Message) -> str:
@@ -285,11 +277,11 @@ class DirectSend:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        detached: list[Detached] = []
+        detached: list[LogStream] = []
         # The app's scope is a copy: what the middleware adds to it is freed when it returns.
         await self.app({**scope, DETACHED: detached}, receive, send)
-        for serve in detached:
-            await serve(receive, send)
+        if detached:
+            await detached.pop().serve(receive, send)
 
 
 def documented_as_sse(description: str) -> dict[str, Any]:

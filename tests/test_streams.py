@@ -102,7 +102,11 @@ async def test_a_stream_answers_with_the_request_id(server: Server, client: http
     async with client.stream("GET", f"/api/v1/queues/{queue}/stream", headers=headers) as response:
         assert response.status_code == 200
         assert response.headers["x-request-id"] == "stream-42"
-    assert f"GET /api/v1/queues/{queue}/stream 200" in server.log()
+        # The access line is written when the stream has opened, not when it ends.
+        deadline = time.monotonic() + 5
+        while f"GET /api/v1/queues/{queue}/stream 200" not in server.log():
+            assert time.monotonic() < deadline, "no access line for the open stream"
+            await asyncio.sleep(0.02)
 
 
 async def test_header_cursor_wins_over_query(server: Server, client: httpx.AsyncClient) -> None:
