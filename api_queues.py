@@ -11,7 +11,7 @@ from deps import CurrentPrincipal, HubDep, QueueName, ResumeCursor, SettingsDep,
 from exports import DOWNLOADS, Format, event_export, respond
 from hub import queue_log
 from schemas import EventOut, Page, QueueCreate, QueueOut, QueueUpdate
-from streams import StreamResponse, documented_as_sse, open_stream
+from streams import StreamResponse, documented_as_sse, live_queue_log, open_stream
 
 router = APIRouter(prefix="/api/v1/queues", tags=["queues"])
 
@@ -91,6 +91,6 @@ async def stream_queue(
     ] = None,
 ) -> StreamResponse:
     principal.require("subscribe", queue)
-    await hub.live_queue(queue)
+    log = await live_queue_log(hub, queue)
     wanted = frozenset(t.strip() for given in types for t in given.split(",") if t.strip()) if types else None
-    return open_stream(hub, settings, principal, queue_log(queue), cursor, wanted)
+    return open_stream(hub, settings, principal, log, cursor, wanted)
