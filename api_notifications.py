@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from deps import CurrentPrincipal, HubDep, NotificationsDep, ResumeCursor, SettingsDep, WindowDep
+from deps import (
+    STREAM_DOCS,
+    CurrentPrincipal,
+    NotificationsDep,
+    SettingsDep,
+    WindowDep,
+    caller,
+    stream_cursor,
+)
 from exports import DOWNLOADS, Format, notification_export, respond
+from hub import Hub
 from models import NotificationPriority
-from notifications import NotificationFilter, user_log
+from notifications import NotificationFilter, Notifications, user_log
 from schemas import (
     Changed,
     Items,
@@ -21,6 +30,7 @@ from schemas import (
     NotificationPriorityName,
     NotificationStats,
 )
+from settings import Settings
 from streams import StreamResponse, control_frame, documented_as_sse, open_stream
 
 router = APIRouter(prefix="/api/v1/notifications", tags=["notifications"])
@@ -71,15 +81,15 @@ async def create_notifications(
     return Items(items=await notifications.create(spec))
 
 
-@router.get("/stream", **documented_as_sse("the caller's notifications as SSE"))
-async def stream_notifications(
-    hub: HubDep,
-    notifications: NotificationsDep,
-    settings: SettingsDep,
-    principal: CurrentPrincipal,
-    cursor: ResumeCursor,
-) -> StreamResponse:
+@router.get("/stream", openapi_extra=STREAM_DOCS, **documented_as_sse("the caller's notifications as SSE"))
+async def stream_notifications(request: Request) -> StreamResponse:
     """`notification.created|read|deleted` with ids, and `unread_count` on connect and after changes."""
+    # Every browser opens one: no dependencies to solve, as for publish (see caller()).
+    hub: Hub = request.app.state.hub
+    settings: Settings = request.app.state.settings
+    notifications: Notifications = request.app.state.notifications
+    principal = caller(request)
+    cursor = stream_cursor(request)
 
     async def unread() -> bytes:
         return control_frame(

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from deps import CurrentPrincipal, HubDep, QueueName, ResumeCursor, SettingsDep, WindowDep
+from deps import (
+    STREAM_DOCS,
+    CurrentPrincipal,
+    HubDep,
+    QueueName,
+    SettingsDep,
+    WindowDep,
+    caller,
+    stream_cursor,
+)
 from exports import DOWNLOADS, Format, event_export, respond
-from hub import queue_log
+from hub import Hub, queue_log
 from schemas import EventOut, Page, QueueCreate, QueueOut, QueueUpdate
+from settings import Settings
 from streams import StreamResponse, documented_as_sse, live_queue_log, open_stream
 
 router = APIRouter(prefix="/api/v1/queues", tags=["queues"])
@@ -79,18 +89,34 @@ async def list_events(
     return Page(items=items, total=total, limit=limit, offset=0, has_more=len(items) < total)
 
 
-@router.get("/{queue}/stream", **documented_as_sse("an SSE stream of the queue's events"))
-async def stream_queue(
-    queue: QueueName,
-    hub: HubDep,
-    settings: SettingsDep,
-    principal: CurrentPrincipal,
-    cursor: ResumeCursor,
-    types: Annotated[
-        list[str] | None, Query(description="only these event types (repeat or comma-separate)")
-    ] = None,
-) -> StreamResponse:
+_STREAM_DOCS = {
+    **STREAM_DOCS,
+    "parameters": [
+        *STREAM_DOCS["parameters"],
+        {
+            "name": "types",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "array", "items": {"type": "string"}},
+            "description": "only these event types (repeat or comma-separate)",
+        },
+    ],
+}
+
+
+@router.get(
+    "/{queue}/stream",
+    openapi_extra=_STREAM_DOCS,
+    **documented_as_sse("an SSE stream of the queue's events"),
+)
+async def stream_queue(queue: QueueName, request: Request) -> StreamResponse:
+    # Every browser on a page opens one: no dependencies to solve, as for publish (see caller()).
+    hub: Hub = request.app.state.hub
+    settings: Settings = request.app.state.settings
+    principal = caller(request)
     principal.require("subscribe", queue)
+    cursor = stream_cursor(request)
     log = await live_queue_log(hub, queue)
-    wanted = frozenset(t.strip() for given in types for t in given.split(",") if t.strip()) if types else None
+    given = request.query_params.getlist("types")
+    wanted = frozenset(t.strip() for text in given for t in text.split(",") if t.strip()) or None
     return open_stream(hub, settings, principal, log, cursor, wanted)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Path, Query, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from auth import Principal, TokenCodec
-from errors import unauthorized
+from errors import unauthorized, validation_error
 from hub import Hub, Window
 from leases import Leases
 from models import QUEUE_NAME_PATTERN
@@ -44,8 +44,8 @@ async def _principal(
 def caller(request: Request) -> Principal:
     """Who sent `request`: its bearer token (header, else `access_token` query) or anonymous.
 
-    Routes take it as a dependency (`CurrentPrincipal`); the publish route calls it directly,
-    since FastAPI's dependency solving measured about a fifth of a publish's CPU.
+    Routes take it as a dependency (`CurrentPrincipal`); publish and the streams call it
+    directly, since FastAPI's dependency solving measured a fifth of their CPU or more.
     """
     token = _bearer_token(request)
     if token:
@@ -84,13 +84,12 @@ async def _tokens(request: Request) -> TokenStore:
     return tokens
 
 
-async def _resume_cursor(
-    last_event_id: Annotated[int | None, Query(ge=0, description="resume after this sequence")] = None,
-    last_event_id_header: Annotated[
-        str | None, Header(alias="Last-Event-ID", description="set by EventSource; wins over last_event_id")
-    ] = None,
-) -> int | None:
-    return resume_cursor(last_event_id_header, last_event_id)
+def stream_cursor(request: Request) -> int | None:
+    """Where a stream resumes: `Last-Event-ID`, as EventSource sends it, else `last_event_id`."""
+    given = request.query_params.get("last_event_id")
+    if given is not None and not given.isdigit():
+        raise validation_error({"query.last_event_id": ["a whole number, 0 or more"]})
+    return resume_cursor(request.headers.get("last-event-id"), int(given) if given else None)
 
 
 # What the `CurrentPrincipal` dependency adds to a route's OpenAPI, for a route calling caller().
@@ -108,6 +107,29 @@ CALLER_DOCS: dict[str, Any] = {
 }
 
 
+# What a stream route calling caller() and stream_cursor() documents.
+STREAM_DOCS: dict[str, Any] = {
+    "security": CALLER_DOCS["security"],
+    "parameters": [
+        *CALLER_DOCS["parameters"],
+        {
+            "name": "last_event_id",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 0},
+            "description": "resume after this sequence",
+        },
+        {
+            "name": "Last-Event-ID",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "set by EventSource; wins over last_event_id",
+        },
+    ],
+}
+
+
 def _bearer_token(request: Request) -> str | None:
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and credentials:
@@ -116,7 +138,6 @@ def _bearer_token(request: Request) -> str | None:
 
 
 HubDep = Annotated[Hub, Depends(_hub)]
-ResumeCursor = Annotated[int | None, Depends(_resume_cursor)]
 TokensDep = Annotated[TokenStore, Depends(_tokens)]
 NotificationsDep = Annotated[Notifications, Depends(_notifications)]
 LeasesDep = Annotated[Leases, Depends(_leases)]

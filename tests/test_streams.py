@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 from conftest import ADMIN, Listener, Server, assert_error, auth, mint, sql, unique
 
 
@@ -202,6 +203,19 @@ async def test_a_deleted_queue_streams_again_only_once_restored(
         await publish_many(client, queue, [1])
         [created] = await again.wait_for(1, event="message.created")
     assert json.loads(created.data)["body"] == 1
+
+
+@pytest.mark.parametrize("cursor", ["-1", "abc", "1.5"])
+async def test_a_bad_resume_cursor_is_422_and_opens_no_stream(
+    server: Server, client: httpx.AsyncClient, cursor: str
+) -> None:
+    queue = await create_queue(client)
+    before = (await client.get("/healthz")).json()["streams"]
+    for url in (f"/api/v1/queues/{queue}/stream", "/api/v1/notifications/stream"):
+        response = await client.get(url, params={"last_event_id": cursor})
+        assert_error(response, 422, "validation_error")
+        assert "query.last_event_id" in response.json()["error"]["details"]
+    assert (await client.get("/healthz")).json()["streams"] == before
 
 
 async def test_stream_needs_a_token_and_the_subscribe_scope(
