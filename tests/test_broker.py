@@ -13,7 +13,7 @@ import httpx
 import pytest
 from conftest import Listener, RedisProcess, Server, unique
 
-from broker import GONE, TICK_SECONDS, Broker, MemoryBroker, RedisBroker
+from broker import GONE, TICK_SECONDS, WAKE_SLICE, Broker, MemoryBroker, RedisBroker
 from schemas import Update
 
 
@@ -42,6 +42,19 @@ async def test_a_subscriber_gets_its_logs_in_order_and_nothing_else(broker: Brok
     assert broker.subscriber_count == 1
     broker.unsubscribe(subscriber)
     assert broker.subscriber_count == 0
+
+
+async def test_a_crowd_gets_every_update_in_order_though_woken_a_slice_at_a_time(broker: Broker) -> None:
+    crowd = [broker.subscribe(["queue:a"], capacity=50) for _ in range(WAKE_SLICE * 3 + 7)]
+    for seq in range(1, 6):  # each publish lands while the last one's crowd is still being woken
+        await broker.publish([update("queue:a", seq)])
+    deadline = time.monotonic() + 2
+    while any(len(s.inbox) < 5 for s in crowd):
+        assert time.monotonic() < deadline, "some subscribers were never offered everything"
+        await asyncio.sleep(0.01)
+    assert all([u.seq for u in s.inbox] == [1, 2, 3, 4, 5] for s in crowd)
+    for subscriber in crowd:
+        broker.unsubscribe(subscriber)
 
 
 async def test_an_overflowing_subscriber_is_told_to_catch_up(broker: Broker) -> None:
