@@ -7,6 +7,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -101,22 +102,29 @@ async def test_a_live_log_is_remembered_until_its_queue_is_deleted(broker: Broke
     assert not broker.known_live("queue:a")
 
 
-async def test_a_deletion_on_one_replica_is_forgotten_on_the_other(redis_url: str) -> None:
+@asynccontextmanager
+async def two_processes(redis_url: str) -> AsyncIterator[tuple[RedisBroker, RedisBroker]]:
+    """Two brokers under one prefix, as two replicas' processes would have, both connected."""
     prefix = f"test-{secrets.token_hex(4)}"
-    deleter, streamer = RedisBroker(redis_url, prefix), RedisBroker(redis_url, prefix)
-    for instance in (deleter, streamer):
+    pair = RedisBroker(redis_url, prefix), RedisBroker(redis_url, prefix)
+    for instance in pair:
         await instance.start()
         await asyncio.wait_for(instance.connected.wait(), 5)
     try:
+        yield pair
+    finally:
+        for instance in pair:
+            await instance.close()
+
+
+async def test_a_deletion_on_one_replica_is_forgotten_on_the_other(redis_url: str) -> None:
+    async with two_processes(redis_url) as (deleter, streamer):
         streamer.learn_live("queue:x", streamer.live_mark())
         await deleter.publish([Update("queue:x", 3, GONE, "{}", "2026-01-01T00:00:00Z")])
         deadline = time.monotonic() + 2
         while streamer.known_live("queue:x"):
             assert time.monotonic() < deadline, "the deletion did not reach the other replica"
             await asyncio.sleep(0.01)
-    finally:
-        await deleter.close()
-        await streamer.close()
 
 
 async def test_a_replica_cut_off_from_redis_knows_no_head(own_redis: RedisProcess) -> None:
@@ -153,20 +161,12 @@ async def test_the_clock_wakes_a_waiting_subscriber_at_its_time(broker: Broker) 
 
 
 async def test_redis_carries_batches_between_processes(redis_url: str) -> None:
-    prefix = f"test-{secrets.token_hex(4)}"
-    sender, receiver = RedisBroker(redis_url, prefix), RedisBroker(redis_url, prefix)
-    for instance in (sender, receiver):
-        await instance.start()
-        await asyncio.wait_for(instance.connected.wait(), 5)
-    try:
+    async with two_processes(redis_url) as (sender, receiver):
         subscriber = receiver.subscribe(["queue:x"], capacity=10)
         await sender.publish([update("queue:x", 1), update("queue:x", 2)])
         await asyncio.wait_for(subscriber.wakeup.wait(), 2)
         await asyncio.sleep(0.05)
         assert [u.seq for u in subscriber.inbox] == [1, 2]
-    finally:
-        await sender.close()
-        await receiver.close()
 
 
 async def replicas(make_server: Any, pg_url: str, redis_url: str) -> tuple[Server, Server]:
