@@ -8,13 +8,22 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import AwareDatetime, BaseModel, ValidationError
 
-from deps import CALLER_DOCS, CurrentPrincipal, HubDep, QueueName, SettingsDep, WindowDep, caller
+from deps import (
+    CALLER_DOCS,
+    CurrentPrincipal,
+    HubDep,
+    QueueName,
+    SettingsDep,
+    WindowDep,
+    caller,
+    hub_of,
+    settings_of,
+)
 from errors import bad_request, field_errors, too_large, validation_error
 from exports import DOWNLOADS, Format, message_export, respond
-from hub import Hub, MessageFilter
+from hub import MessageFilter
 from models import MessageStatus, Priority
 from schemas import JSON, Draft, MessageOut, Page, PriorityName, PublishIn, parse_duration
-from settings import Settings
 
 router = APIRouter(prefix="/api/v1/queues/{queue}/messages", tags=["messages"])
 
@@ -49,8 +58,7 @@ async def publish(queue: QueueName, request: Request) -> Response:
     """A JSON envelope (`Content-Type: application/json`) or any text body, as `curl -d` sends it."""
     # The hottest route takes no dependencies and returns encoded JSON: FastAPI's dependency
     # solving and response validation were about a third of a publish's CPU (see NOTES.md).
-    hub: Hub = request.app.state.hub
-    settings: Settings = request.app.state.settings
+    hub, settings = hub_of(request), settings_of(request)
     principal = caller(request)
     principal.require("publish", queue)
     key = _idempotency_key(request)

@@ -14,12 +14,14 @@ from deps import (
     SettingsDep,
     WindowDep,
     caller,
+    hub_of,
+    notifications_of,
+    settings_of,
     stream_cursor,
 )
 from exports import DOWNLOADS, Format, notification_export, respond
-from hub import Hub
 from models import NotificationPriority
-from notifications import NotificationFilter, Notifications, user_log
+from notifications import NotificationFilter, user_log
 from schemas import (
     Changed,
     Items,
@@ -30,7 +32,6 @@ from schemas import (
     NotificationPriorityName,
     NotificationStats,
 )
-from settings import Settings
 from streams import StreamResponse, control_frame, documented_as_sse, open_stream
 
 router = APIRouter(prefix="/api/v1/notifications", tags=["notifications"])
@@ -85,9 +86,8 @@ async def create_notifications(
 async def stream_notifications(request: Request) -> StreamResponse:
     """`notification.created|read|deleted` with ids, and `unread_count` on connect and after changes."""
     # Every browser opens one: no dependencies to solve, as for publish (see caller()).
-    hub: Hub = request.app.state.hub
-    settings: Settings = request.app.state.settings
-    notifications: Notifications = request.app.state.notifications
+    hub, settings = hub_of(request), settings_of(request)
+    notifications = notifications_of(request)
     principal = caller(request)
     cursor = stream_cursor(request)
 

@@ -15,12 +15,13 @@ from deps import (
     SettingsDep,
     WindowDep,
     caller,
+    hub_of,
+    settings_of,
     stream_cursor,
 )
 from exports import DOWNLOADS, Format, event_export, respond
-from hub import Hub, queue_log
+from hub import queue_log
 from schemas import EventOut, Page, QueueCreate, QueueOut, QueueUpdate
-from settings import Settings
 from streams import StreamResponse, documented_as_sse, live_queue_log, open_stream
 
 router = APIRouter(prefix="/api/v1/queues", tags=["queues"])
@@ -111,8 +112,7 @@ _STREAM_DOCS = {
 )
 async def stream_queue(queue: QueueName, request: Request) -> StreamResponse:
     # Every browser on a page opens one: no dependencies to solve, as for publish (see caller()).
-    hub: Hub = request.app.state.hub
-    settings: Settings = request.app.state.settings
+    hub, settings = hub_of(request), settings_of(request)
     principal = caller(request)
     principal.require("subscribe", queue)
     cursor = stream_cursor(request)

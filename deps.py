@@ -20,14 +20,29 @@ from tokens import TokenStore
 _bearer = HTTPBearer(auto_error=False, description="a token from `python main.py token`")
 
 
-async def _hub(request: Request) -> Hub:
+def hub_of(request: Request) -> Hub:
     hub: Hub = request.app.state.hub
     return hub
 
 
-async def _settings(request: Request) -> Settings:
+def settings_of(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
+
+
+def notifications_of(request: Request) -> Notifications:
+    notifications: Notifications = request.app.state.notifications
+    return notifications
+
+
+# Dependencies are `async def` although they never await: FastAPI runs plain `def` ones in a
+# thread pool, a thread hop per request each. Routes that skip dependencies call the `_of`s.
+async def _hub(request: Request) -> Hub:
+    return hub_of(request)
+
+
+async def _settings(request: Request) -> Settings:
+    return settings_of(request)
 
 
 async def _principal(
@@ -72,11 +87,8 @@ async def _leases(request: Request) -> Leases:
     return leases
 
 
-# Dependencies are `async def` although they never await: FastAPI runs plain `def` ones in a
-# thread pool, a thread hop per request each.
 async def _notifications(request: Request) -> Notifications:
-    notifications: Notifications = request.app.state.notifications
-    return notifications
+    return notifications_of(request)
 
 
 async def _tokens(request: Request) -> TokenStore:

@@ -149,7 +149,7 @@ class Writer:
     async def _transaction(self, jobs: list[_Job[Any]]) -> tuple[list[Any], list[Update]]:
         async with _transaction() as conn:
             tx = Tx(conn, utcnow())
-            if isinstance(conn, SqliteClient):
+            if tx.is_sqlite:
                 tx.known_queues = self._known_queues
             outcomes = [await _attempt(job.operation, tx) for job in jobs]
             for model, rows in tx.deferred.items():
