@@ -45,6 +45,7 @@ class Subscriber:
         "_waiter",
         "capacity",
         "closed",
+        "first_seq",
         "inbox",
         "logs",
         "must_catch_up",
@@ -60,6 +61,9 @@ class Subscriber:
         self.inbox: list[Update] = []
         self.must_catch_up = False
         self.closed = False
+        # The first update offered since subscribing: a stream starting live begins before it,
+        # whatever head it learns afterwards.
+        self.first_seq: int | None = None
         # Set by the stream around each write, read by `cut_stalled`: a watchdog that costs a
         # write stamp per frame instead of a timer per frame.
         self.sending_since = 0.0
@@ -79,6 +83,8 @@ class Subscriber:
         return self._event
 
     def offer(self, update: Update) -> None:
+        if self.first_seq is None:
+            self.first_seq = update.seq
         if len(self.inbox) >= self.capacity:
             # Never wait for a slow reader: drop its buffer, it re-reads the log.
             self.catch_up()

@@ -126,7 +126,9 @@ class LogStream:
             if head is None:
                 head = await self._hub.log_head(log)
                 self._broker.learn_head(log, head)
-            self._last = head
+            # A commit may have landed since subscribing: what was offered since is still news.
+            first = self._subscriber.first_seq
+            self._last = head if first is None else min(head, first - 1)
             return None
         oldest, head = await self._hub.log_bounds(log)
         if oldest - 1 <= cursor <= head:

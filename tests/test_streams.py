@@ -97,6 +97,38 @@ async def test_a_live_stream_opened_beside_another_starts_at_the_head(
     assert [int(e.id) for e in second.logged()] == [5]
 
 
+async def test_streams_opening_during_publishes_miss_nothing_sent_after_they_opened(server: Server) -> None:
+    """A commit between a stream's subscription and its first read of the head is still news to it."""
+    async with server.client() as http:
+        queue = await create_queue(http)
+        sent: list[float] = []
+
+        async def publisher() -> None:
+            async with server.client() as own:
+                for n in range(150):
+                    sent.append(time.monotonic())
+                    await publish_many(own, queue, [n])
+
+        async def listener() -> tuple[float, Listener]:
+            crowd_member = Listener(stream_url(server, queue))
+            await crowd_member.__aenter__()
+            return time.monotonic(), crowd_member
+
+        publishing = asyncio.create_task(publisher())
+        crowd = await asyncio.gather(*(listener() for _ in range(100)))
+        await publishing
+        try:
+            for opened, member in crowd:
+                due = [n for n, at in enumerate(sent) if at > opened]
+                events = await member.wait_for(len(due))
+                await asyncio.sleep(0.05)
+                ids = [int(e.id) for e in member.logged()]
+                assert ids == list(range(ids[0], ids[0] + len(ids))) if ids else not due
+                assert set(due) <= {json.loads(e.data)["body"] for e in member.logged()}, (opened, events)
+        finally:
+            await asyncio.gather(*(member.__aexit__() for _, member in crowd))
+
+
 async def test_a_stream_answers_with_the_request_id(server: Server, client: httpx.AsyncClient) -> None:
     queue = await create_queue(client)
     headers = {"X-Request-ID": "stream-42"}
