@@ -8,6 +8,9 @@ An operation may raise `ApiError` only before it writes anything: the writer the
 its events and carries on with the rest of the group. Any other error rolls the whole group
 back and each operation is retried in a transaction of its own, so one client's failure never
 costs another client its publish.
+
+On a SQLite file the transaction runs on the writer's own connection and thread
+(`sqlite_thread.py`), in one trip from the event loop; on PostgreSQL, in one of the pool's.
 """
 
 from __future__ import annotations
@@ -16,16 +19,13 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 from loguru import logger
 from tortoise import connections
-from tortoise.backends.base.client import BaseDBAsyncClient, TransactionContext
-from tortoise.backends.sqlite.client import (
-    SqliteClient,
-    SqliteTransactionContext,
-    SqliteTransactionWrapper,
-)
+from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.backends.sqlite.client import SqliteClient
 from tortoise.fields import Field
 from tortoise.models import Model
 from tortoise.transactions import in_transaction
@@ -34,6 +34,7 @@ from broker import Broker
 from errors import ApiError, unavailable
 from models import Event, Queue, utcnow
 from schemas import Update, utc_text
+from sqlite_thread import SqliteThread
 
 T = TypeVar("T")
 
@@ -56,6 +57,7 @@ class Tx:
     # Queue rows as committed, kept across transactions when no other process writes them.
     known_queues: dict[str, Queue] | None = None
     deferred: dict[type[Model], list[Mapping[str, Any]]] = field(default_factory=dict)
+    updates: list[Update] = field(default_factory=list)
 
     def insert_later(self, model: type[Model], rows: Sequence[Mapping[str, Any]]) -> None:
         """Insert at the end of the transaction, with every other operation's rows, in one statement.
@@ -99,6 +101,7 @@ class Writer:
         # On SQLite this process is the only writer: a queue row read once stays true until one
         # of our own transactions changes it. Any failed group forgets them all.
         self._known_queues: dict[str, Queue] = {}
+        self._sqlite: SqliteThread | None = None
 
     async def run(self, operation: Operation[T]) -> T:
         """Run `operation` in the next group commit; returns after its commit."""
@@ -109,6 +112,9 @@ class Writer:
         return await job.done
 
     def start(self) -> None:
+        client = connections.get("default")
+        if isinstance(client, SqliteClient) and client.filename != ":memory:":  # a file two can open
+            self._sqlite = SqliteThread(client)
         self._task = asyncio.create_task(self._loop(), name="writer")
 
     async def close(self) -> None:
@@ -117,6 +123,8 @@ class Writer:
         if self._task is not None:
             self._jobs.put_nowait(_Job(_stop, asyncio.get_running_loop().create_future()))
             await self._task
+        if self._sqlite is not None:
+            await self._sqlite.close()
 
     async def _loop(self) -> None:
         while True:
@@ -147,31 +155,25 @@ class Writer:
             _settle(job.done, outcome)
 
     async def _transaction(self, jobs: list[_Job[Any]]) -> tuple[list[Any], list[Update]]:
-        async with _transaction() as conn:
-            tx = Tx(conn, utcnow())
-            if tx.is_sqlite:
-                tx.known_queues = self._known_queues
-            outcomes = [await _attempt(job.operation, tx) for job in jobs]
-            for model, rows in tx.deferred.items():
-                await insert_rows(tx, model, rows)
-            updates = await _append(tx)
-        if tx.known_queues is not None:
-            tx.known_queues.update(tx.queues)  # committed
-        return outcomes, updates
+        if self._sqlite is None:
+            async with in_transaction() as conn:
+                outcomes, tx = await _group(jobs, None, conn)
+        else:
+            outcomes, tx = await self._sqlite.run(partial(_group, jobs, self._known_queues))
+            self._known_queues.update(tx.queues)  # committed
+        return outcomes, tx.updates
 
 
-def _transaction() -> TransactionContext:
-    client = connections.get("default")
-    if isinstance(client, SqliteClient):
-        return SqliteTransactionContext(_SqliteTransaction(client), client._lock)
-    return in_transaction()
-
-
-class _SqliteTransaction(SqliteTransactionWrapper):
-    async def begin(self) -> None:
-        # Tortoise's begin() commits first: a no-op in autocommit mode, which is all this
-        # connection is outside a transaction, yet one more hop to aiosqlite's thread per group.
-        await self._connection.execute("BEGIN")
+async def _group(
+    jobs: list[_Job[Any]], known_queues: dict[str, Queue] | None, conn: BaseDBAsyncClient
+) -> tuple[list[Any], Tx]:
+    """The jobs' operations, their deferred rows and their events, in the caller's transaction."""
+    tx = Tx(conn, utcnow(), known_queues=known_queues)
+    outcomes = [await _attempt(job.operation, tx) for job in jobs]
+    for model, rows in tx.deferred.items():
+        await insert_rows(tx, model, rows)
+    tx.updates = await _append(tx)
+    return outcomes, tx
 
 
 async def _stop(_: Tx) -> None:
