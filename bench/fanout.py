@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from options import Options
 from results import CpuMeter, Result, Value, latency_ms, per_second
 from subscribers import Tally, open_streams, quiet_client_gc, wait_for_deliveries
 from throughput import Budget, fresh_queue
-from wire import Client, Target
+from wire import Client, EventStream, Target
 
 # Publishes in flight at once, as many as the publish scenario's clients by default.
 PUBLISHERS = 16
@@ -92,6 +93,7 @@ async def _fanout_to(target: Target, options: Options, subscribers: int) -> Resu
     tally = Tally(subscribers, messages)
     streams = await open_streams(target, queue, tally, options.open_concurrency)
     try:
+        await _warm_up(target, queue, tally, streams.opened, options.drain)
         with quiet_client_gc():
             meter = CpuMeter()
             run = await publish_steady(target, queue, messages, options.rate)
@@ -116,6 +118,27 @@ async def _fanout_to(target: Target, options: Options, subscribers: int) -> Resu
     }
     params = {"subscribers": subscribers, "rate": options.rate, "seconds": options.duration}
     return Result("fanout", params, metrics, notes=_first(streams.errors, run.budget.first_error))
+
+
+async def _warm_up(
+    target: Target, queue: str, tally: Tally, opened: dict[int, EventStream], seconds: float
+) -> None:
+    """One message every open stream must receive before the steady publisher starts.
+
+    Latency is measured at steady state: the first messages must not race the opening burst,
+    which the connections scenario measures on its own.
+    """
+    for index in range(len(tally.warm)):
+        tally.warm[index] = index not in opened  # streams that failed to open are not waited for
+    if all(tally.warm):
+        return
+    client = Client(target)
+    try:
+        await client.request("POST", f"/api/v1/queues/{queue}/messages", b'{"body": "warm_up"}')
+    finally:
+        client.close()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(tally.warmed.wait(), seconds)
 
 
 def _first(stream_errors: list[str], publish_error: str) -> list[str]:

@@ -16,6 +16,7 @@ from wire import EventStream, FrameHandler, Target, open_stream
 # the body's key order, so one regex finds them without decoding every frame's JSON.
 _STAMP = re.compile(rb'"n":\s*(\d+),\s*"t":\s*([0-9.]+)')
 OPEN_TIMEOUT = 30.0
+WARM_UP = b'"warm_up"'
 
 
 class Tally:
@@ -27,6 +28,8 @@ class Tally:
         self.duplicates = 0
         self.expected = messages * subscribers
         self.complete = asyncio.Event()
+        self.warm = bytearray(subscribers)  # which streams have received the warm-up message
+        self.warmed = asyncio.Event()
 
     def handler(self, index: int) -> FrameHandler:
         seen = self.seen[index]
@@ -34,6 +37,8 @@ class Tally:
         def on_frame(frame: bytes, arrived: float) -> None:
             match = _STAMP.search(frame)
             if match is None or int(match[1]) >= len(seen):
+                if WARM_UP in frame:
+                    self._warmed_up(index)
                 return  # a ping, the retry line, or another log event
             number = int(match[1])
             if seen[number]:
@@ -45,6 +50,11 @@ class Tally:
                 self.complete.set()
 
         return on_frame
+
+    def _warmed_up(self, index: int) -> None:
+        self.warm[index] = 1
+        if all(self.warm):
+            self.warmed.set()
 
     def lost(self, subscribers: list[int], published: bytearray) -> int:
         sent = [n for n, ok in enumerate(published) if ok]
