@@ -16,6 +16,7 @@ from deps import (
     SettingsDep,
     WindowDep,
     caller,
+    direct,
     hub_of,
     settings_of,
 )
@@ -47,14 +48,16 @@ class PublishedItems(BaseModel):
     items: list[MessageOut]
 
 
-@router.post(
+@direct(
+    router,
+    "POST",
     "",
     status_code=201,
     response_model=MessageOut,
     openapi_extra=_PUBLISH_DOCS,
     responses={200: {"description": "an earlier message with the same Idempotency-Key"}},
 )
-async def publish(queue: QueueName, request: Request) -> Response:
+async def publish(request: Request, queue: QueueName) -> Response:
     """A JSON envelope (`Content-Type: application/json`) or any text body, as `curl -d` sends it."""
     # The hottest route takes no dependencies and returns encoded JSON: FastAPI's dependency
     # solving and response validation were about a third of a publish's CPU (see NOTES.md).

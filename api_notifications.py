@@ -14,6 +14,7 @@ from deps import (
     SettingsDep,
     WindowDep,
     caller,
+    direct,
     hub_of,
     notifications_of,
     settings_of,
@@ -82,7 +83,13 @@ async def create_notifications(
     return Items(items=await notifications.create(spec))
 
 
-@router.get("/stream", openapi_extra=STREAM_DOCS, **documented_as_sse("the caller's notifications as SSE"))
+@direct(
+    router,
+    "GET",
+    "/stream",
+    openapi_extra=STREAM_DOCS,
+    **documented_as_sse("the caller's notifications as SSE"),
+)
 async def stream_notifications(request: Request) -> StreamResponse:
     """`notification.created|read|deleted` with ids, and `unread_count` on connect and after changes."""
     # Every browser opens one: no dependencies to solve, as for publish (see caller()).

@@ -15,6 +15,7 @@ from deps import (
     SettingsDep,
     WindowDep,
     caller,
+    direct,
     hub_of,
     settings_of,
     stream_cursor,
@@ -105,12 +106,14 @@ _STREAM_DOCS = {
 }
 
 
-@router.get(
+@direct(
+    router,
+    "GET",
     "/{queue}/stream",
     openapi_extra=_STREAM_DOCS,
     **documented_as_sse("an SSE stream of the queue's events"),
 )
-async def stream_queue(queue: QueueName, request: Request) -> StreamResponse:
+async def stream_queue(request: Request, queue: QueueName) -> StreamResponse:
     # Every browser on a page opens one: no dependencies to solve, as for publish (see caller()).
     hub, settings = hub_of(request), settings_of(request)
     principal = caller(request)
