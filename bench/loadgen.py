@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import fanout
+import reads
 import throughput
 import uvloop
 from options import Options, add_arguments, chosen
@@ -32,6 +33,7 @@ SCENARIOS: dict[str, Scenario] = {
     "fanout": fanout.fanout,
     "connections": fanout.connections,
     "claim": throughput.claim,
+    "reads": reads.reads,
 }
 
 

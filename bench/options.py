@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 
 # The order they run in: connections first, while the server's memory has not yet grown for other
 # streams (freed memory is seldom returned to the OS, so a later RSS growth would understate).
-SCENARIOS = ("connections", "publish", "batch", "fanout", "claim")
+SCENARIOS = ("connections", "publish", "batch", "fanout", "claim", "reads")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -31,6 +31,11 @@ class Options:
     workers: int = 8
     claim_messages: int = 5000
     claim_batch: tuple[int, ...] = (1, 10)
+    read_queues: int = 10
+    read_messages: int = 10_000
+    readers: int = 16
+    read_rate: float = 20.0
+    reads: int = 200_000
     server_pid: int | None = None
 
     @classmethod
@@ -63,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.claim_batch,
         help="claim: max messages per claim, each size in turn; 1 acks each alone, more in one batch ack",
     )
+    add("--read-queues", type=int, default=d.read_queues, help="reads: queues to seed and read")
+    add("--read-messages", type=int, default=d.read_messages, help="reads: messages seeded per queue")
+    add("--readers", type=int, default=d.readers, help="reads: concurrent reading clients")
+    add("--read-rate", type=float, default=d.read_rate, help="reads: messages/s published meanwhile")
+    add("--reads", type=int, default=d.reads, help="reads: at most this many reads")
     add("--server-pid", type=int, default=None, help="connections: read this process's RSS")
 
 

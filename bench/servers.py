@@ -175,7 +175,7 @@ def pombo_postgres(
 
 @contextlib.contextmanager
 def baseline(workdir: Path, redis_url: str) -> Iterator[Server]:
-    server = Server("baseline", [], workdir / "baseline", unsupported=frozenset({"claim"}))
+    server = Server("baseline", [], workdir / "baseline", unsupported=frozenset({"claim", "reads"}))
     server.argv = [sys.executable, str(ROOT / "bench" / "baseline.py"), "--port", str(server.port)]
     server.argv += ["--redis", redis_url]
     server.env = _clean_env({})

@@ -136,7 +136,7 @@ async def claim(target: Target, options: Options) -> list[Result]:
 async def _claim_by(target: Target, options: Options, most: int) -> Result:
     """Workers claim up to `most` at a time: one message acks alone, several in one batch ack."""
     queue = await fresh_queue(target, "claim")
-    await _fill(target, queue, options.claim_messages)
+    await fill(target, queue, options.claim_messages)
     budget = Budget(options.claim_messages, options.duration)
     elapsed = await _measure(target, options.workers, budget, lambda c: _work(c, queue, most, budget))
     metrics = {
@@ -150,7 +150,8 @@ async def _claim_by(target: Target, options: Options, most: int) -> Result:
     return Result("claim", params, metrics, notes=_errors(budget))
 
 
-async def _fill(target: Target, queue: str, count: int) -> None:
+async def fill(target: Target, queue: str, count: int) -> None:
+    """Put `count` small messages in `queue`, a thousand per batch."""
     client = Client(target)
     try:
         for start in range(0, count, 1000):
