@@ -313,7 +313,7 @@ class MemoryBroker(LocalFanout):
 
 def redis_names(prefix: str) -> dict[str, str]:
     """Every Redis key and channel Pombo uses, from one prefix."""
-    return {"events": f"{prefix}:events", "instances": f"{prefix}:instances"}
+    return {"events": f"{prefix}:events", "instances": f"{prefix}:instances", "counts": f"{prefix}:counts"}
 
 
 class RedisBroker(LocalFanout):

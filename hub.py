@@ -16,6 +16,7 @@ from tortoise.queryset import QuerySet
 
 from auth import Principal
 from broker import Broker
+from count_cache import CountCache
 from errors import conflict, not_found, validation_error
 from models import Event, EventLog, Message, MessageStatus, NewMessage, Priority, Queue, new_id, utcnow
 from schemas import Draft, MessageOut, QueueCreate, QueueOut, QueueUpdate, Update, utc_text
@@ -50,10 +51,11 @@ class Window:
 
 
 class Hub:
-    def __init__(self, settings: Settings, writer: Writer, broker: Broker) -> None:
+    def __init__(self, settings: Settings, writer: Writer, broker: Broker, counts: CountCache) -> None:
         self.settings = settings
         self.writer = writer
         self.broker = broker
+        self.counts = counts
 
     # Queues ------------------------------------------------------------------------------
 
@@ -101,7 +103,7 @@ class Hub:
         queue = await Queue.filter(name=name).first()
         if queue is None or (queue.deleted_at is not None and not include_deleted):
             raise not_found("queue", name)
-        counts = await _status_counts([queue.id])
+        counts = await self.counts.of({queue_log(name): queue}, _status_counts)
         return QueueOut.of(queue, counts.get(queue.id))
 
     async def list_queues(
@@ -110,7 +112,7 @@ class Hub:
         query = Queue.all() if include_deleted else Queue.filter(deleted_at__isnull=True)
         visible = [q for q in await query.order_by("name") if _may_see(principal, q)]
         page = visible[window.offset : window.offset + window.limit]
-        counts = await _status_counts([q.id for q in page])
+        counts = await self.counts.of({queue_log(q.name): q for q in page}, _status_counts)
         return [QueueOut.of(q, counts.get(q.id)) for q in page], len(visible)
 
     # Messages ----------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from auth import (
 )
 from broker import create_broker
 from client import PomboClient, PomboError
+from count_cache import CountCache
 from database import apply_migrations, replicas_share_a_broker, single_process
 from errors import install_error_handlers
 from hub import Hub
@@ -128,9 +129,10 @@ async def _running_app(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
 async def _running_hub(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     broker = create_broker(settings.redis_url, settings.redis_prefix)
     writer = Writer(broker, settings.writer_batch)
+    counts = CountCache(settings.redis_url if settings.count_cache else "", settings.redis_prefix)
     await broker.start()
     writer.start()
-    app.state.hub = Hub(settings, writer, broker)
+    app.state.hub = Hub(settings, writer, broker, counts)
     app.state.leases = Leases(writer, broker)
     app.state.notifications = Notifications(writer)
     app.state.tokens = TokenStore(writer, app.state.codec, app.state.revocations)
@@ -142,6 +144,7 @@ async def _running_hub(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         await sweeper.close()
         await writer.close()
         await broker.close()
+        await counts.close()
 
 
 def _sweeper(app: FastAPI, settings: Settings) -> Sweeper:
