@@ -161,6 +161,17 @@ def test_a_bad_value_in_an_env_file_names_the_setting(no_pombo_env: Path) -> Non
         load_settings()
 
 
+def test_the_count_cache_is_on_by_default_and_can_be_turned_off(
+    no_pombo_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_settings().count_cache
+    monkeypatch.setenv("POMBO_COUNT_CACHE", "false")
+    assert not load_settings().count_cache
+    monkeypatch.setenv("POMBO_COUNT_CACHE", "sometimes")
+    with pytest.raises(SettingsError, match="POMBO_COUNT_CACHE"):
+        load_settings()
+
+
 async def test_the_server_reads_env_files_in_its_working_directory(make_server: Any, tmp_path: Path) -> None:
     data_dir = tmp_path / "served"  # the server's working directory (see conftest)
     data_dir.mkdir()
