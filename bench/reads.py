@@ -50,6 +50,28 @@ async def reads(target: Target, options: Options) -> list[Result]:
     quiet = {name: await _quiet(target, path) for name, path in _paths(queues[0]).items()}
     found = {name: Endpoint(name) for name in ("list", "queue")}
     budget = Budget(options.reads, options.duration)
+    elapsed, loadgen_cpu = await _under_load(target, options, queues, budget, stored, found)
+    notes = [f"first error: {budget.first_error}"] if budget.first_error else []
+    return [
+        Result(
+            "reads",
+            {**_params(options), "endpoint": e.name},
+            _metrics(e, quiet[e.name], elapsed, budget, stored, loadgen_cpu),
+            notes=notes,
+        )
+        for e in found.values()
+    ]
+
+
+async def _under_load(
+    target: Target,
+    options: Options,
+    queues: list[str],
+    budget: Budget,
+    stored: Stored,
+    found: dict[str, Endpoint],
+) -> tuple[float, float]:
+    """The readers and the publisher together; the seconds the readers took and our CPU share."""
     began, meter = budget.start(), CpuMeter()
     publisher = asyncio.create_task(_publish_steadily(target, queues, options.read_rate, budget, stored))
     clients = [Client(target) for _ in range(options.readers)]
@@ -58,24 +80,19 @@ async def reads(target: Target, options: Options) -> list[Result]:
         elapsed, loadgen_cpu = time.perf_counter() - began, meter.percent()
         await publisher
     finally:
+        publisher.cancel()
         for client in clients:
             client.close()
-    params: dict[str, Value] = {
+    return elapsed, loadgen_cpu
+
+
+def _params(options: Options) -> dict[str, Value]:
+    return {
         "queues": options.read_queues,
         "messages": options.read_queues * options.read_messages,
         "readers": options.readers,
         "rate": options.read_rate,
     }
-    notes = [f"first error: {budget.first_error}"] if budget.first_error else []
-    return [
-        Result(
-            "reads",
-            {**params, "endpoint": e.name},
-            _metrics(e, quiet[e.name], elapsed, budget, stored, loadgen_cpu),
-            notes=notes,
-        )
-        for e in found.values()
-    ]
 
 
 def _paths(queue: str) -> dict[str, str]:
