@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
+import random
 import re
 import sys
 import time
@@ -80,4 +80,4 @@ def _request_id(scope: Scope) -> str:
             given: str = value.decode("latin-1")
             if _REQUEST_ID.match(given):
                 return given
-    return os.urandom(16).hex()  # as uuid4().hex looks, without building a UUID
+    return f"{random.getrandbits(128):032x}"  # as uuid4().hex looks; unique, not secret (models.new_id)
