@@ -8,7 +8,9 @@ stored under them; what is missing is counted and stored. Counts filed under a h
 counted after that head committed, so they are never older than it: a client always sees its
 own writes, on any replica, however late the other replicas hear of them.
 
-Redis is optional and may fail: without it, or while it is down, reads count in the database.
+Without Redis there is one process (SQLite, or PostgreSQL with the in-process broker, which
+refuses a second process), so the same keys live in this process's memory. With Redis they are
+shared by the replicas, and while Redis is down, reads count in the database.
 """
 
 from __future__ import annotations
@@ -35,14 +37,18 @@ KEY_SECONDS = 60
 REDIS_TIMEOUT = 0.5
 # After a Redis error, reads skip Redis this long: one slow or failed try per pause, one warning.
 PAUSE_SECONDS = 5.0
+# Keys kept in memory without Redis: a busy queue makes one per change, read at most once after it.
+LOCAL_KEYS = 4096
 
 
 class CountCache:
     """Counts by queue id, read through Redis when there is one; `of` never raises for Redis."""
 
-    def __init__(self, redis_url: str, prefix: str) -> None:
+    def __init__(self, redis_url: str, prefix: str, enabled: bool = True) -> None:
+        self._enabled = enabled
+        self._local: dict[str, dict[str, int]] = {}
         self._redis: aioredis.Redis | None = None
-        if redis_url:
+        if redis_url and enabled:
             self._redis = aioredis.from_url(
                 redis_url, socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT
             )
@@ -57,8 +63,10 @@ class CountCache:
         """The counts of `queues` (keyed by their log's name), as `count` would give them."""
         ids = [q.id for q in queues.values()]
         redis = self._redis
-        if redis is None or time.monotonic() < self._paused_until or not queues:
+        if not self._enabled or not queues or time.monotonic() < self._paused_until:
             return await count(ids)
+        if redis is None:
+            return await self._in_memory(queues, count)
         keys = await self._keys(queues)
         try:
             stored = await redis.mget([keys[i] for i in ids])
@@ -71,6 +79,18 @@ class CountCache:
             counted = await count(missing)
             await self._store(redis, {keys[i]: counted.get(i, {}) for i in missing})
             found.update(counted)
+        return found
+
+    async def _in_memory(self, queues: Mapping[str, Queue], count: Counter) -> Counts:
+        keys = await self._keys(queues)
+        found = {i: self._local[key] for i, key in keys.items() if key in self._local}
+        missing = [i for i in keys if i not in found]
+        if missing:
+            counted = await count(missing)
+            for i in missing:
+                self._local[keys[i]] = found[i] = counted.get(i, {})
+            while len(self._local) > LOCAL_KEYS:
+                del self._local[next(iter(self._local))]  # the oldest
         return found
 
     async def _keys(self, queues: Mapping[str, Queue]) -> dict[int, str]:

@@ -129,7 +129,7 @@ async def _running_app(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
 async def _running_hub(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     broker = create_broker(settings.redis_url, settings.redis_prefix)
     writer = Writer(broker, settings.writer_batch)
-    counts = CountCache(settings.redis_url if settings.count_cache else "", settings.redis_prefix)
+    counts = CountCache(settings.redis_url, settings.redis_prefix, enabled=settings.count_cache)
     await broker.start()
     writer.start()
     app.state.hub = Hub(settings, writer, broker, counts)

@@ -60,8 +60,8 @@ class Settings(BaseSettings):
     # FULL: a 2xx means the message survived a power cut. NORMAL is an opt-in.
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     writer_batch: int = Field(default=500, ge=1)
-    # Queue counts kept in Redis (when there is one) under each queue log's head: a read of the
-    # queue list under steady publishing is then a few key lookups instead of a count per read.
+    # Queue counts kept under each queue log's head, in Redis or (one process) in memory: a read of
+    # the queue list under steady publishing is then a few key lookups instead of a count per read.
     count_cache: bool = True
     log_json: bool | None = None
 

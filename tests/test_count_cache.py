@@ -1,4 +1,5 @@
-"""Queue counts read through Redis: fresh after every change, on every replica, with Redis or without."""
+"""Queue counts read through a cache keyed by the log's head: fresh after every change, on every
+replica, through a Redis outage, and in memory without Redis."""
 
 from __future__ import annotations
 
@@ -62,6 +63,31 @@ async def post(http: httpx.AsyncClient, path: str, body: Any = None, status: int
     return response.json()
 
 
+async def walk_through_changes(
+    a: httpx.AsyncClient, b: httpx.AsyncClient, servers: tuple[Server, ...], queue: str
+) -> None:
+    """Create, publish, claim, ack, nack, delete and a refused ack; the counts after each step."""
+    path = f"/api/v1/queues/{queue}"
+    await post(a, "/api/v1/queues", {"name": queue}, 201)
+    await assert_counts(servers, queue)
+    await post(a, f"{path}/messages/batch", {"items": [{"body": n} for n in range(3)]}, 201)
+    await assert_counts(servers, queue, pending=3)
+    acked, nacked = (await post(b, f"{path}/claim", {"max": 2}))["items"]
+    await assert_counts(servers, queue, pending=1, processing=2)
+    await post(a, f"{path}/messages/{acked['id']}/ack", {"lease_id": acked["lease_id"]})
+    await assert_counts(servers, queue, pending=1, processing=1, done=1)
+    await post(b, f"{path}/messages/{nacked['id']}/nack", {"lease_id": nacked["lease_id"], "delay": 0})
+    await assert_counts(servers, queue, pending=2, done=1)
+    assert (await b.delete(f"{path}/messages/{acked['id']}")).status_code == 200
+    await assert_counts(servers, queue, pending=2)
+
+    before = await snapshot(servers[0])
+    wrong_lease = await a.post(f"{path}/messages/{nacked['id']}/ack", json={"lease_id": nacked["lease_id"]})
+    assert_error(wrong_lease, 409, "lease_expired")
+    assert await snapshot(servers[0]) == before
+    await assert_counts(servers, queue, pending=2)
+
+
 async def test_counts_are_fresh_on_both_replicas_after_every_change_and_through_a_redis_outage(
     make_server: Any, pg_url: str, own_redis: RedisProcess
 ) -> None:
@@ -69,28 +95,8 @@ async def test_counts_are_fresh_on_both_replicas_after_every_change_and_through_
     both, queue = (first, second), unique()
     path = f"/api/v1/queues/{queue}"
     async with first.client() as a, second.client() as b:
-        await post(a, "/api/v1/queues", {"name": queue}, 201)
-        await assert_counts(both, queue)
-        await post(a, f"{path}/messages/batch", {"items": [{"body": n} for n in range(3)]}, 201)
-        await assert_counts(both, queue, pending=3)
-        claimed = (await post(b, f"{path}/claim", {"max": 2}))["items"]
-        await assert_counts(both, queue, pending=1, processing=2)
-        acked, nacked = claimed
-        await post(a, f"{path}/messages/{acked['id']}/ack", {"lease_id": acked["lease_id"]})
-        await assert_counts(both, queue, pending=1, processing=1, done=1)
-        await post(b, f"{path}/messages/{nacked['id']}/nack", {"lease_id": nacked["lease_id"], "delay": 0})
-        await assert_counts(both, queue, pending=2, done=1)
-        assert (await b.delete(f"{path}/messages/{acked['id']}")).status_code == 200
-        await assert_counts(both, queue, pending=2)
+        await walk_through_changes(a, b, both, queue)
         assert stored_counts(own_redis.url, prefix) > 0  # the reads above went through Redis
-
-        before = await snapshot(first)
-        wrong_lease = await a.post(
-            f"{path}/messages/{nacked['id']}/ack", json={"lease_id": nacked["lease_id"]}
-        )
-        assert_error(wrong_lease, 409, "lease_expired")
-        assert await snapshot(first) == before
-        await assert_counts(both, queue, pending=2)
 
         own_redis.stop()
         await post(a, f"{path}/messages", {"body": "while Redis is down"}, 201)
@@ -106,11 +112,30 @@ async def test_counts_are_fresh_on_both_replicas_after_every_change_and_through_
     assert "count cache unavailable" in first.log() + second.log()
 
 
+async def test_without_redis_counts_are_kept_in_memory_and_fresh_after_every_change(
+    make_server: Any,
+) -> None:
+    server = make_server().start()  # SQLite: one process, so the keys live in its memory
+    async with server.client() as a, server.client() as b:
+        await walk_through_changes(a, b, (server,), unique())
+
+
 async def test_a_read_after_an_acknowledged_publish_never_shows_older_counts(
     make_server: Any, pg_url: str, redis_url: str
 ) -> None:
     """Other readers keep filling keys while a client publishes on one replica and reads on the other."""
     _, first, second = replicas(make_server, pg_url, redis_url)
+    await publish_and_read_among_readers(first, second)
+
+
+async def test_in_memory_a_read_after_an_acknowledged_publish_never_shows_older_counts(
+    make_server: Any,
+) -> None:
+    server = make_server().start()
+    await publish_and_read_among_readers(server, server)
+
+
+async def publish_and_read_among_readers(first: Server, second: Server) -> None:
     queue = unique()
     async with first.client() as a, second.client() as b:
         await post(a, "/api/v1/queues", {"name": queue}, 201)
