@@ -1,4 +1,5 @@
-"""The typed dependencies route handlers take: the hub, the settings, the caller."""
+"""The typed dependencies route handlers take (the hub, the settings, the caller), and the
+`DirectRoute` for the hottest routes, which take none."""
 
 from __future__ import annotations
 
