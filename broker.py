@@ -12,7 +12,7 @@ import json
 import math
 import os
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -45,6 +45,7 @@ class Subscriber:
         "_waiter",
         "capacity",
         "closed",
+        "direct",
         "first_seq",
         "inbox",
         "logs",
@@ -64,6 +65,9 @@ class Subscriber:
         # The first update offered since subscribing: a stream starting live begins before it,
         # whatever head it learns afterwards.
         self.first_seq: int | None = None
+        # Set by a stream while it waits with nothing buffered: writes an update at once, from
+        # the broker's own call, instead of waking the stream for it (False: not this one).
+        self.direct: Callable[[Update], bool] | None = None
         # Set by the stream around each write, read by `cut_stalled`: a watchdog that costs a
         # write stamp per frame instead of a timer per frame.
         self.sending_since = 0.0
@@ -85,6 +89,10 @@ class Subscriber:
     def offer(self, update: Update) -> None:
         if self.first_seq is None:
             self.first_seq = update.seq
+        direct = self.direct
+        if direct is not None and direct(update):
+            return
+        self.direct = None  # buffered now: what comes after it must queue behind it
         if len(self.inbox) >= self.capacity:
             # Never wait for a slow reader: drop its buffer, it re-reads the log.
             self.catch_up()
@@ -103,6 +111,7 @@ class Subscriber:
         self.wake()
 
     def wake(self) -> None:
+        self.direct = None
         waiter = self._waiter
         if waiter is not None:
             self._waiter, self.wake_at = None, math.inf

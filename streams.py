@@ -9,12 +9,13 @@ database. The stream ends at its lifetime (the client resumes) or when its token
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from loguru import logger
 from starlette.responses import JSONResponse, Response
@@ -71,7 +72,7 @@ class StreamSpec:
 class LogStream:
     """One client's stream: a single coroutine that writes each frame as it comes."""
 
-    __slots__ = ("_broker", "_hub", "_last", "_send", "_spec", "_subscriber", "request_id")
+    __slots__ = ("_broker", "_held", "_hub", "_last", "_send", "_spec", "_subscriber", "request_id")
     _send: Send
 
     def __init__(self, hub: Hub, subscriber: Subscriber, spec: StreamSpec) -> None:
@@ -80,6 +81,8 @@ class LogStream:
         self._subscriber = subscriber
         self._spec = spec
         self._last = 0
+        # A write the broker began for this stream and the client's full buffer held up.
+        self._held: tuple[Coroutine[Any, Any, None], Any] | None = None
         self.request_id = "-"
 
     async def serve(self, receive: Receive, send: Send) -> None:
@@ -103,6 +106,9 @@ class LogStream:
             logger.bind(request_id=request_id).opt(exception=error).error("stream failed")
         finally:
             watcher.cancel()
+            subscriber.direct = None
+            if self._held is not None:
+                self._held[0].close()
             self._broker.unsubscribe(subscriber)
 
     async def _run(self) -> None:
@@ -152,9 +158,17 @@ class LogStream:
     async def _live(self) -> None:
         subscriber, spec, loop = self._subscriber, self._spec, asyncio.get_running_loop()
         deadline = loop.time() + self._remaining()
+        # A stream with side frames sends them after its events; a `send` that is not a coroutine
+        # cannot be driven from the broker's call.
+        can_write_now = spec.side_frame is None and inspect.iscoroutinefunction(self._send)
+        direct = self._write_now if can_write_now else None
         while not subscriber.closed and loop.time() < deadline:
             beat = loop.time() + spec.heartbeat
+            subscriber.direct = direct
             await subscriber.wait(min(beat, deadline))
+            subscriber.direct = None
+            if self._held is not None:
+                await self._finish_held()
             if await self._drain():
                 if spec.side_frame is not None:
                     await self._write(await spec.side_frame())
@@ -175,6 +189,50 @@ class LogStream:
                 sent = await self._replay(upto=update.seq - 1) or sent
             sent = await self._advance(update) or sent
         return sent
+
+    def _write_now(self, update: Update) -> bool:
+        """Write the next update from the broker's own call, without waking this stream.
+
+        Uvicorn's `send` completes at once unless the client's buffer is full; then the stream
+        is woken to finish that write (`_finish_held`), and the watchdog times it as any other.
+        Anything but the very next update of a stream with nothing buffered is declined.
+        """
+        subscriber = self._subscriber
+        if update.seq != self._last + 1 or subscriber.inbox or subscriber.must_catch_up or self._held:
+            return False
+        self._last = update.seq
+        types = self._spec.types
+        if types is not None and update.type not in types:
+            return True
+        body = {"type": "http.response.body", "body": frame(update), "more_body": True}
+        sending = cast(Coroutine[Any, Any, None], self._send(body))
+        try:
+            waiting = sending.send(None)
+        except StopIteration:
+            return True
+        except Exception:  # noqa: BLE001 - the client went away: the stream ends when it wakes
+            subscriber.close()
+            return True
+        self._held = (sending, waiting)
+        subscriber.wake()
+        return True
+
+    async def _finish_held(self) -> None:
+        assert self._held is not None
+        sending, waiting = self._held
+        subscriber = self._subscriber
+        subscriber.sending_since = asyncio.get_running_loop().time()
+        try:
+            while True:
+                # Not `await waiting`: the coroutine already yielded it once, as to a Task.
+                await asyncio.wait({waiting})
+                try:
+                    waiting = sending.send(None)
+                except StopIteration:
+                    break
+        finally:
+            self._held = None
+            subscriber.sending_since = 0.0
 
     async def _advance(self, update: Update) -> bool:
         self._last = update.seq
