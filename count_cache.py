@@ -42,7 +42,7 @@ LOCAL_KEYS = 4096
 
 
 class CountCache:
-    """Counts by queue id, read through Redis when there is one; `of` never raises for Redis."""
+    """Counts by queue id, kept in Redis or, without it, in memory; `of` never raises for Redis."""
 
     def __init__(self, redis_url: str, prefix: str, enabled: bool = True) -> None:
         self._enabled = enabled
@@ -62,36 +62,29 @@ class CountCache:
     async def of(self, queues: Mapping[str, Queue], count: Counter) -> Counts:
         """The counts of `queues` (keyed by their log's name), as `count` would give them."""
         ids = [q.id for q in queues.values()]
-        redis = self._redis
         if not self._enabled or not queues or time.monotonic() < self._paused_until:
             return await count(ids)
-        if redis is None:
-            return await self._in_memory(queues, count)
         keys = await self._keys(queues)
-        try:
-            stored = await redis.mget([keys[i] for i in ids])
-        except (RedisError, OSError) as error:
-            self._pause(error)
+        found = await self._stored(keys)
+        if found is None:
             return await count(ids)
-        found: Counts = {i: json.loads(raw) for i, raw in zip(ids, stored, strict=True) if raw is not None}
         missing = [i for i in ids if i not in found]
         if missing:
             counted = await count(missing)
-            await self._store(redis, {keys[i]: counted.get(i, {}) for i in missing})
+            await self._store({keys[i]: counted.get(i, {}) for i in missing})
             found.update(counted)
         return found
 
-    async def _in_memory(self, queues: Mapping[str, Queue], count: Counter) -> Counts:
-        keys = await self._keys(queues)
-        found = {i: self._local[key] for i, key in keys.items() if key in self._local}
-        missing = [i for i in keys if i not in found]
-        if missing:
-            counted = await count(missing)
-            for i in missing:
-                self._local[keys[i]] = found[i] = counted.get(i, {})
-            while len(self._local) > LOCAL_KEYS:
-                del self._local[next(iter(self._local))]  # the oldest
-        return found
+    async def _stored(self, keys: dict[int, str]) -> Counts | None:
+        """What is kept under `keys`, by queue id; None when Redis failed."""
+        if self._redis is None:
+            return {i: self._local[key] for i, key in keys.items() if key in self._local}
+        try:
+            stored = await self._redis.mget(list(keys.values()))
+        except (RedisError, OSError) as error:
+            self._pause(error)
+            return None
+        return {i: json.loads(raw) for i, raw in zip(keys, stored, strict=True) if raw is not None}
 
     async def _keys(self, queues: Mapping[str, Queue]) -> dict[int, str]:
         """Each queue's key: its id, its creation (a queue made again starts a new log) and its head."""
@@ -103,9 +96,14 @@ class CountCache:
             for log, q in queues.items()
         }
 
-    async def _store(self, redis: aioredis.Redis, values: dict[str, dict[str, int]]) -> None:
+    async def _store(self, values: dict[str, dict[str, int]]) -> None:
+        if self._redis is None:
+            self._local.update(values)
+            while len(self._local) > LOCAL_KEYS:
+                del self._local[next(iter(self._local))]  # the oldest
+            return
         try:
-            async with redis.pipeline(transaction=False) as pipe:
+            async with self._redis.pipeline(transaction=False) as pipe:
                 for key, counts in values.items():
                     pipe.set(key, json.dumps(counts), ex=KEY_SECONDS)
                 await pipe.execute()

@@ -200,12 +200,10 @@ class LogStream:
         subscriber = self._subscriber
         if update.seq != self._last + 1 or subscriber.inbox or subscriber.must_catch_up or self._held:
             return False
-        self._last = update.seq
-        types = self._spec.types
-        if types is not None and update.type not in types:
+        chunk = self._take(update)
+        if chunk is None:
             return True
-        body = {"type": "http.response.body", "body": frame(update), "more_body": True}
-        sending = cast(Coroutine[Any, Any, None], self._send(body))
+        sending = cast(Coroutine[Any, Any, None], self._send(_body(chunk)))
         try:
             waiting = sending.send(None)
         except StopIteration:
@@ -235,17 +233,22 @@ class LogStream:
             subscriber.sending_since = 0.0
 
     async def _advance(self, update: Update) -> bool:
+        chunk = self._take(update)
+        if chunk is None:
+            return False
+        await self._write(chunk)
+        return True
+
+    def _take(self, update: Update) -> bytes | None:
+        """Move the cursor past `update`; its frame, unless the client filtered its type out."""
         self._last = update.seq
         types = self._spec.types
-        if types is None or update.type in types:
-            await self._write(frame(update))
-            return True
-        return False
+        return frame(update) if types is None or update.type in types else None
 
     async def _write(self, chunk: bytes) -> None:
         subscriber = self._subscriber
         subscriber.sending_since = asyncio.get_running_loop().time()
-        await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await self._send(_body(chunk))
         subscriber.sending_since = 0.0
 
     def abandon(self) -> None:
@@ -262,6 +265,10 @@ class LogStream:
     def _token_expired(self) -> bool:
         expires = self._spec.token_expires_at
         return expires is not None and expires.timestamp() <= time.time() + 0.05
+
+
+def _body(chunk: bytes) -> Message:
+    return {"type": "http.response.body", "body": chunk, "more_body": True}
 
 
 async def _watch_disconnect(receive: Receive, subscriber: Subscriber) -> None:
