@@ -219,8 +219,12 @@ async def _append(tx: Tx) -> list[Update]:
     return updates
 
 
+# 1,000 rows of a message's 17 columns stay within SQLite's 32,766 parameters a statement.
+ROWS_PER_INSERT = 1000
+
+
 async def insert_rows(tx: Tx, model: type[Model], rows: Sequence[Mapping[str, Any]]) -> None:
-    """One multi-row INSERT for plain values, skipping ORM objects (most of a publish's cost).
+    """Rows of plain values, skipping ORM objects (most of a publish's cost).
 
     Values still go through each field's own conversion, exactly as Tortoise stores them.
     """
@@ -228,10 +232,20 @@ async def insert_rows(tx: Tx, model: type[Model], rows: Sequence[Mapping[str, An
         return
     fields = model._meta.fields_map
     names = list(rows[0])
-    columns = ", ".join(f'"{fields[n].source_field or n}"' for n in names)
-    sql = f'INSERT INTO "{model._meta.db_table}" ({columns}) VALUES ({", ".join("?" * len(names))})'
     converted = [_column(tx, model, fields[n], [row[n] for row in rows]) for n in names]
-    await tx.conn.execute_many(tx.sql(sql), [list(row) for row in zip(*converted, strict=True)])
+    values = list(zip(*converted, strict=True))
+    columns = ", ".join(f'"{fields[n].source_field or n}"' for n in names)
+    insert = f'INSERT INTO "{model._meta.db_table}" ({columns})'
+    row_marks = f"({', '.join('?' * len(names))})"
+    if not tx.is_sqlite:  # asyncpg pipelines executemany; one huge statement costs it a plan
+        await tx.conn.execute_many(tx.sql(f"{insert} VALUES {row_marks}"), [list(row) for row in values])
+        return
+    # Not executemany on SQLite: sqlite3 lets go of the GIL for every row it steps, and while the
+    # event loop is busy each row then waits up to the switch interval (5 ms) to get it back.
+    for start in range(0, len(values), ROWS_PER_INSERT):
+        chunk = values[start : start + ROWS_PER_INSERT]
+        sql = f"{insert} VALUES {', '.join([row_marks] * len(chunk))}"
+        await tx.conn.execute_query(sql, [value for row in chunk for value in row])
 
 
 def _column(tx: Tx, model: type[Model], field: Field[Any], values: list[Any]) -> list[Any]:
