@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -270,8 +271,7 @@ def _run_client(args: argparse.Namespace) -> int:
     if args.command == "publish":
         return asyncio.run(_publish(args))
     if args.command == "subscribe":
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_subscribe(args))
+        asyncio.run(_subscribe(args))
         return 0
     if not args.program or args.concurrency < 1 or not 1 <= args.batch <= 100:
         raise ValueError(
@@ -299,6 +299,19 @@ async def _publish(args: argparse.Namespace) -> int:
 
 
 async def _subscribe(args: argparse.Namespace) -> None:
+    """Prints until SIGINT or SIGTERM, then exits 0.
+
+    Handlers of our own, not asyncio.run's: a shell without job control starts a background
+    command with SIGINT ignored, and asyncio.run then leaves it ignored.
+    """
+    printing = asyncio.create_task(_print_events(args))
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, printing.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await printing
+
+
+async def _print_events(args: argparse.Namespace) -> None:
     async with PomboClient(args.url, args.token) as client:
         async for event in client.events(args.queue, "0" if args.from_start else None):
             seq = int(event.id) if event.id.isdigit() else None

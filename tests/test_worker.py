@@ -86,6 +86,27 @@ async def test_publish_work_and_subscribe_end_to_end(sqlite_server: Server, tmp_
     assert [e["data"]["id"] for e in events if e["type"] == "message.acked"].count(message_id) == 1
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell without job control starts `cmd &`
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_subscribe_stops_on_sigint_or_sigterm_even_when_started_with_sigint_ignored(
+    sqlite_server: Server, signum: signal.Signals
+) -> None:
+    async with sqlite_server.client() as http:
+        queue = await create_queue(http)
+    subscriber = pombo(
+        sqlite_server, "subscribe", queue, "--from-start", stdout=subprocess.PIPE, preexec_fn=_ignore_sigint
+    )
+    assert subscriber.stdout is not None
+    first = await asyncio.wait_for(asyncio.to_thread(subscriber.stdout.readline), 30)
+    assert json.loads(first)["type"] == "queue.created"
+    subscriber.send_signal(signum)
+    subscriber.communicate(timeout=15)
+    assert subscriber.returncode == 0
+
+
 async def test_a_failing_command_is_nacked_with_its_last_stderr_line_then_dead(
     make_server: Any, tmp_path: Path
 ) -> None:
