@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 from pydantic_core import from_json, to_json
 
 from models import (
@@ -29,6 +29,9 @@ JSON = "application/json"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 T = TypeVar("T")
+# Times are stored and answered in UTC: SQLite compares them as text, where 03:00-05:00 would
+# come before 07:00Z.
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(lambda value: value.astimezone(UTC))]
 
 
 def parse_duration(text: str) -> float:
@@ -103,7 +106,7 @@ class PublishIn(Strict):
     type: str = Field(default="", pattern=r"^$|" + TYPE_PATTERN)
     priority: PriorityName = "normal"
     delay: float | None = Field(default=None, ge=0, le=365 * 86400)
-    not_before: AwareDatetime | None = None
+    not_before: UtcDatetime | None = None
     headers: dict[str, str] = Field(default_factory=dict, max_length=64)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
 
@@ -256,7 +259,7 @@ class NotificationCreate(Strict):
     title: str = Field(min_length=1, max_length=200)
     message: str = Field(default="", max_length=10_000)
     action_url: str | None = Field(default=None, max_length=2000, pattern=ACTION_URL_PATTERN)
-    expires_at: AwareDatetime | None = None
+    expires_at: UtcDatetime | None = None
     queue: str | None = Field(default=None, pattern=QUEUE_NAME_PATTERN)
     message_id: str | None = Field(default=None, max_length=36)
 

@@ -7,7 +7,7 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +203,12 @@ async def test_delayed_messages_are_claimable_only_from_their_time(client: httpx
     delayed = [
         await publish(client, queue, "delay", delay=1),
         await publish(client, queue, "not_before", not_before=soon.isoformat()),
+        # The same instant in New York: stored in UTC, or SQLite would compare its text as earlier
+        await publish(
+            client, queue, "offset", not_before=soon.astimezone(timezone(-timedelta(hours=5))).isoformat()
+        ),
     ]
+    assert all(m["available_at"].endswith("Z") for m in delayed)
     text = await client.post(
         f"{queue_url(queue)}/messages",
         content="x-delay",

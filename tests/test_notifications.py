@@ -9,7 +9,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import httpx
@@ -301,6 +301,18 @@ async def test_invalid_creates_are_422_and_store_nothing(
     before = await snapshot(server)
     assert_error(await client.post(BASE, json=body), 422, "validation_error")
     assert await snapshot(server) == before
+
+
+async def test_an_expiry_in_another_offset_is_kept_in_utc_and_honoured(client: httpx.AsyncClient) -> None:
+    who = person("offset")
+    soon = datetime.now(UTC) + timedelta(seconds=1.5)
+    karachi = timezone(timedelta(hours=5))  # its wall clock reads later than UTC's
+    [made] = await send(
+        client, [who.subject], type="t", title="soon gone", expires_at=soon.astimezone(karachi).isoformat()
+    )
+    assert made["expires_at"].endswith("Z") and when(made["expires_at"]) == soon
+    await asyncio.sleep((soon - datetime.now(UTC)).total_seconds() + 0.5)
+    assert await listed(client, who) == []
 
 
 async def test_an_overlong_recipient_is_422_and_stores_nothing(
