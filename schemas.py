@@ -101,13 +101,20 @@ class QueueOut(QueueSettings):
         )
 
 
+# A worker passes each header to its command as POMBO_HEADER_<NAME>: the name must make a
+# variable name and neither may hold a NUL, or the command cannot be started at all.
+HEADER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+HeaderName = Annotated[str, Field(pattern=HEADER_NAME_PATTERN)]
+HeaderValue = Annotated[str, Field(max_length=4096, pattern=r"^[^\x00]*$")]
+
+
 class PublishIn(Strict):
     body: Any = Field(description="any JSON value, kept as JSON")
     type: str = Field(default="", pattern=r"^$|" + TYPE_PATTERN)
     priority: PriorityName = "normal"
     delay: float | None = Field(default=None, ge=0, le=365 * 86400)
     not_before: UtcDatetime | None = None
-    headers: dict[str, str] = Field(default_factory=dict, max_length=64)
+    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict, max_length=64)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from typing import Any
 from loguru import logger
 
 from client import PomboClient, PomboError, body_text
+from schemas import HEADER_NAME_PATTERN
 
 # Long enough to be cheap when idle, short enough that a stop is quick.
 CLAIM_WAIT_SECONDS = 2.0
@@ -240,5 +242,7 @@ def message_environment(message: dict[str, Any]) -> dict[str, str]:
         "POMBO_CREATED_AT": str(message["created_at"]),
     }
     for name, value in message.get("headers", {}).items():
-        env[f"POMBO_HEADER_{name.upper().replace('-', '_')}"] = str(value)
+        # Stored before the server checked header names: one would stop every command starting.
+        if re.fullmatch(HEADER_NAME_PATTERN, name) and "\x00" not in str(value):
+            env[f"POMBO_HEADER_{name.upper().replace('-', '_')}"] = str(value)
     return env

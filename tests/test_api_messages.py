@@ -478,6 +478,20 @@ BAD_INPUT: dict[str, tuple[Callable[[str], Request], int, str]] = {
         422,
         "validation_error",
     ),
+    "header-name-not-a-variable-name": (
+        lambda q: ("POST", messages_url(q), {"json": {"body": 1, "headers": {"a=b": "x"}}}),
+        422,
+        "validation_error",
+    ),
+    "nul-in-header-value": (
+        lambda q: (
+            "POST",
+            messages_url(q) + "/batch",
+            {"json": {"items": [{"body": 1, "headers": {"x": "a\u0000"}}]}},
+        ),
+        422,
+        "validation_error",
+    ),
     "negative-delay": (
         lambda q: ("POST", messages_url(q), {"json": {"body": 1, "delay": -5}}),
         422,

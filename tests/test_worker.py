@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ROOT, SECRET, Server, mint, unique
+from conftest import ROOT, SECRET, Server, mint, sql, unique
 
 from client import PomboClient
 from worker import Worker, WorkerOptions
@@ -105,6 +105,35 @@ async def test_subscribe_stops_on_sigint_or_sigterm_even_when_started_with_sigin
     subscriber.send_signal(signum)
     subscriber.communicate(timeout=15)
     assert subscriber.returncode == 0
+
+
+async def test_headers_reach_the_command_and_one_that_cannot_be_a_variable_is_left_out(
+    sqlite_server: Server, tmp_path: Path
+) -> None:
+    out = tmp_path / "headers.txt"
+    handler = script(tmp_path, "handle.sh", f'echo "$POMBO_HEADER_X_TRACE" >> {out}\n')
+    async with sqlite_server.client() as http:
+        queue = await create_queue(http)
+        response = await http.post(
+            f"/api/v1/queues/{queue}/messages", json={"body": 1, "headers": {"X-Trace": "t-1"}}
+        )
+        assert response.status_code == 201, response.text
+        # As a message stored before the server refused such names would have it
+        await sql(
+            sqlite_server,
+            "UPDATE messages SET headers = ? WHERE id = ?",
+            '{"a=b": "x", "X-Trace": "t-1"}',
+            response.json()["id"],
+        )
+        worker = pombo(sqlite_server, "work", queue, "--", handler)
+
+        async def done() -> bool:
+            return len(await messages(http, queue, "done")) == 1
+
+        await wait_until(done)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0
+    assert out.read_text() == "t-1\n"
 
 
 async def test_a_failing_command_is_nacked_with_its_last_stderr_line_then_dead(
