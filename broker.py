@@ -393,9 +393,13 @@ class RedisBroker(LocalFanout):
         while True:
             try:
                 await self._consume()
-            except (RedisError, OSError) as error:
+            except Exception as error:  # noqa: BLE001 - nothing may end cross-replica delivery for good
                 self.connected.clear()
-                logger.warning("redis subscription lost ({}); retrying in {:.1f}s", error, delay)
+                # Redis going away is expected; anything else is a bug, logged with its traceback.
+                lost = isinstance(error, (RedisError, OSError))
+                level, trace = ("WARNING", None) if lost else ("ERROR", error)
+                lost_text = "redis subscription lost ({}); retrying in {:.1f}s"
+                logger.opt(exception=trace).log(level, lost_text, error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             else:
@@ -419,13 +423,19 @@ class RedisBroker(LocalFanout):
             self.catch_up_all()
 
     def _on_message(self, raw: bytes) -> None:
-        batch = json.loads(raw)
-        if batch["o"] == self._origin:
-            return
-        if batch.get("resync"):
+        try:
+            batch = json.loads(raw)
+            if batch["o"] == self._origin:
+                return
+            updates = None if batch.get("resync") else [_unpack(item) for item in batch["u"]]
+        except (ValueError, LookupError, TypeError, AttributeError) as error:
+            # Not one of ours, or damaged: what it may have carried is in the database.
+            logger.warning("unreadable message on {} ({!r}); streams re-read the logs", self._channel, error)
+            updates = None
+        if updates is None:
             self.catch_up_all()
         else:
-            self.deliver([_unpack(item) for item in batch["u"]])
+            self.deliver(updates)
 
 
 async def _cancel(tasks: list[asyncio.Task[None]]) -> None:

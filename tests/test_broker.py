@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 import pytest
 from conftest import Listener, RedisProcess, Server, unique
+from redis.asyncio import Redis
 
-from broker import GONE, TICK_SECONDS, WAKE_SLICE, Broker, MemoryBroker, RedisBroker
+from broker import GONE, TICK_SECONDS, WAKE_SLICE, Broker, MemoryBroker, RedisBroker, redis_names
 from schemas import Update
 
 
@@ -103,9 +104,11 @@ async def test_a_live_log_is_remembered_until_its_queue_is_deleted(broker: Broke
 
 
 @asynccontextmanager
-async def two_processes(redis_url: str) -> AsyncIterator[tuple[RedisBroker, RedisBroker]]:
+async def two_processes(
+    redis_url: str, prefix: str | None = None
+) -> AsyncIterator[tuple[RedisBroker, RedisBroker]]:
     """Two brokers under one prefix, as two replicas' processes would have, both connected."""
-    prefix = f"test-{secrets.token_hex(4)}"
+    prefix = prefix or f"test-{secrets.token_hex(4)}"
     pair = RedisBroker(redis_url, prefix), RedisBroker(redis_url, prefix)
     for instance in pair:
         await instance.start()
@@ -167,6 +170,27 @@ async def test_redis_carries_batches_between_processes(redis_url: str) -> None:
         await asyncio.wait_for(subscriber.wakeup.wait(), 2)
         await asyncio.sleep(0.05)
         assert [u.seq for u in subscriber.inbox] == [1, 2]
+
+
+@pytest.mark.parametrize("stray", [b"not json", b'{"o": "someone"}', b"[1, 2]"])
+async def test_a_stray_message_on_the_channel_does_not_end_the_subscription(
+    redis_url: str, stray: bytes
+) -> None:
+    prefix = f"test-{secrets.token_hex(4)}"
+    async with two_processes(redis_url, prefix) as (sender, receiver):
+        subscriber = receiver.subscribe(["queue:x"], capacity=10)
+        stranger = Redis.from_url(redis_url)
+        try:
+            await stranger.publish(redis_names(prefix)["events"], stray)
+        finally:
+            await stranger.aclose()
+        await sender.publish([update("queue:x", 1)])
+        deadline = time.monotonic() + 2
+        while not subscriber.inbox:  # the subscription still delivers what comes after it
+            assert time.monotonic() < deadline, "the subscription ended"
+            await asyncio.sleep(0.01)
+        assert [u.seq for u in subscriber.inbox] == [1]
+        assert subscriber.must_catch_up  # and streams re-read what the stray may have carried
 
 
 async def replicas(make_server: Any, pg_url: str, redis_url: str) -> tuple[Server, Server]:
