@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import from_json, to_json
 
 from models import (
@@ -68,8 +76,16 @@ class QueueUpdate(Strict):
     backoff_base: float | None = Field(default=None, ge=0, le=3600)
     backoff_max: float | None = Field(default=None, ge=0, le=7 * 86400)
     retention_seconds: int | None = Field(default=None, ge=0)
-    alert_after: int | None = Field(default=None, gt=0)
+    alert_after: int | None = Field(default=None, gt=0)  # null turns the alert off
     dead_letter_urgent: bool | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any, field: ValidationInfo) -> Any:
+        # Only called for fields the body gives: left out keeps the setting, null is a mistake.
+        if value is None and field.field_name != "alert_after":
+            raise ValueError("cannot be null; leave the field out to keep it")
+        return value
 
 
 class QueueOut(QueueSettings):

@@ -295,8 +295,10 @@ async def test_a_patch_after_publishing_governs_the_next_claim(client: httpx.Asy
         {"colour": "red"},
         {"max_attempts": 0},
         {"visibility_timeout": -1},
+        {"max_attempts": None},
+        {"description": None, "backoff_max": 60},
     ],
-    ids=["rename", "owner", "unknown", "zero-attempts", "negative-visibility"],
+    ids=["rename", "owner", "unknown", "zero-attempts", "negative-visibility", "null", "null-beside-valid"],
 )
 async def test_invalid_patch_is_422_and_changes_nothing(
     server: Server, client: httpx.AsyncClient, patch: dict[str, Any]
