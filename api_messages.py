@@ -170,6 +170,8 @@ def _parse_json(raw: bytes) -> Any:
         return json.loads(raw, parse_constant=_not_json)
     except ValueError as error:
         raise bad_request("malformed_json", f"the body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise bad_request("malformed_json", "the body's JSON is nested too deeply") from None
 
 
 def _not_json(constant: str) -> Any:

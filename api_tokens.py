@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from fastapi import APIRouter
 
 from auth import parse_scopes
 from deps import CurrentPrincipal, TokensDep, WindowDep
 from errors import validation_error
-from schemas import MintedTokenOut, Page, TokenIn, TokenOut, parse_duration
+from schemas import MintedTokenOut, Page, TokenIn, TokenOut, token_lifetime
 
 router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"])
 
@@ -19,12 +17,10 @@ async def mint_token(body: TokenIn, tokens: TokensDep, principal: CurrentPrincip
     """The token is in this answer only: Pombo keeps its id, subject, scopes and expiry."""
     principal.require_scope("admin")
     try:
-        scopes, seconds = parse_scopes(body.scope), parse_duration(body.ttl)
+        scopes, ttl = parse_scopes(body.scope), token_lifetime(body.ttl)
     except ValueError as error:
         raise validation_error({"body": [str(error)]}) from None
-    if seconds <= 0:
-        raise validation_error({"body.ttl": ["must be more than zero"]})
-    minted = await tokens.mint(body.sub, scopes, timedelta(seconds=seconds))
+    minted = await tokens.mint(body.sub, scopes, ttl)
     return MintedTokenOut(
         id=minted.token_id,
         subject=minted.subject,

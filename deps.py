@@ -105,7 +105,7 @@ async def _tokens(request: Request) -> TokenStore:
 def stream_cursor(request: Request) -> int | None:
     """Where a stream resumes: `Last-Event-ID`, as EventSource sends it, else `last_event_id`."""
     given = request.query_params.get("last_event_id")
-    if given is not None and not given.isdigit():
+    if given is not None and not (given.isascii() and given.isdigit()):  # "²" is a digit int() refuses
         raise validation_error({"query.last_event_id": ["a whole number, 0 or more"]})
     return resume_cursor(request.headers.get("last-event-id"), int(given) if given else None)
 

@@ -83,7 +83,8 @@ async def _invalid_request(_: Request, error: Exception) -> JSONResponse:
 
 async def _http_error(_: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, HTTPException)
-    codes = {404: "not_found", 405: "method_not_allowed"}
+    # FastAPI's own 400 is a JSON body it could not parse even as far as saying where (too deep).
+    codes = {400: "malformed_json", 404: "not_found", 405: "method_not_allowed"}
     code = codes.get(error.status_code, "http_error")
     return envelope(ApiError(error.status_code, code, str(error.detail)))
 

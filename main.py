@@ -57,7 +57,7 @@ from hub import Hub
 from leases import Leases
 from notifications import Notifications
 from observability import RequestContext, configure_logging
-from schemas import parse_duration
+from schemas import token_lifetime
 from settings import Settings, SettingsError, load_settings, tortoise_config
 from streams import DirectSend
 from sweeper import Sweeper
@@ -340,9 +340,7 @@ def run(argv: Sequence[str]) -> int:
         settings = load_settings()
         if args.command == "token":
             configure_logging(settings.json_logs, level="WARNING")
-            scopes, ttl = parse_scopes(args.scope), timedelta(seconds=parse_duration(args.ttl))
-            if ttl <= timedelta(0):
-                raise ValueError(f"--ttl must be more than zero, not {args.ttl!r}")
+            scopes, ttl = parse_scopes(args.scope), token_lifetime(args.ttl)
             print(asyncio.run(_mint(settings, args.sub, scopes, ttl)))
             return 0
         configure_logging(settings.json_logs)

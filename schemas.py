@@ -50,6 +50,18 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
+# Ten years: any expiry past this is a mistake, and much further one is no date at all.
+MAX_TOKEN_LIFETIME = timedelta(days=3650)
+
+
+def token_lifetime(text: str) -> timedelta:
+    """A token's `ttl` (`30d`, `12h`…): more than zero, at most ten years; ValueError otherwise."""
+    seconds = parse_duration(text)
+    if not 0 < seconds <= MAX_TOKEN_LIFETIME.total_seconds():
+        raise ValueError(f"a token lifetime is more than zero and at most 3650d, not {text!r}")
+    return timedelta(seconds=seconds)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -48,8 +48,9 @@ def control_frame(event: str, data: dict[str, object]) -> bytes:
 
 def resume_cursor(header: str | None, query: int | None) -> int | None:
     """`Last-Event-ID` wins over `last_event_id`; neither means live from now."""
-    if header is not None and header.strip().isdigit():
-        return int(header.strip())
+    cursor = header.strip() if header is not None else ""
+    if cursor.isascii() and cursor.isdigit():  # "²" is a digit that int() refuses
+        return int(cursor)
     return query
 
 

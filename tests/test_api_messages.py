@@ -438,6 +438,18 @@ BAD_INPUT: dict[str, tuple[Callable[[str], Request], int, str]] = {
         400,
         "malformed_json",
     ),
+    "deeply-nested-json": (
+        lambda q: (
+            "POST",
+            messages_url(q),
+            {
+                "content": b'{"body": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                "headers": {"Content-Type": "application/json"},
+            },
+        ),
+        400,
+        "malformed_json",
+    ),
     # Python's json reads NaN and Infinity; storing them would hand subscribers invalid JSON.
     "nan-in-json": (
         lambda q: (

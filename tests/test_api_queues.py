@@ -311,6 +311,16 @@ async def test_invalid_patch_is_422_and_changes_nothing(
     assert (await client.get(f"/api/v1/queues/{queue['name']}")).json() == queue
 
 
+async def test_json_nested_too_deeply_is_400_and_changes_nothing(
+    server: Server, client: httpx.AsyncClient
+) -> None:
+    before = await snapshot(server)
+    deep = b'{"name": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response = await client.post("/api/v1/queues", content=deep, headers={"Content-Type": "application/json"})
+    assert_error(response, 400, "malformed_json")
+    assert await snapshot(server) == before
+
+
 # Delete and restore -----------------------------------------------------------------------------
 
 

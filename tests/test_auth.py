@@ -255,6 +255,7 @@ BAD_CLI_ARGS = {
     "ttl-unit": ["--ttl", "1y"],
     "ttl-negative": ["--ttl=-5m"],
     "ttl-zero": ["--ttl", "0"],
+    "ttl-past-year-9999": ["--ttl", "3000000d"],
 }
 
 

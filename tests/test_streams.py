@@ -237,7 +237,7 @@ async def test_a_deleted_queue_streams_again_only_once_restored(
     assert json.loads(created.data)["body"] == 1
 
 
-@pytest.mark.parametrize("cursor", ["-1", "abc", "1.5"])
+@pytest.mark.parametrize("cursor", ["-1", "abc", "1.5", "²"])
 async def test_a_bad_resume_cursor_is_422_and_opens_no_stream(
     server: Server, client: httpx.AsyncClient, cursor: str
 ) -> None:
@@ -248,6 +248,21 @@ async def test_a_bad_resume_cursor_is_422_and_opens_no_stream(
         assert_error(response, 422, "validation_error")
         assert "query.last_event_id" in response.json()["error"]["details"]
     assert (await client.get("/healthz")).json()["streams"] == before
+
+
+async def test_a_last_event_id_that_is_no_number_is_ignored(
+    server: Server, client: httpx.AsyncClient
+) -> None:
+    queue = await create_queue(client)
+    url = f"/api/v1/queues/{queue}/stream"
+    headers = {"Last-Event-ID": b"\xb2"}  # "²" in Latin-1, as servers read headers: a digit, not to int()
+    async with client.stream("GET", url, headers=headers, params={"last_event_id": 0}) as response:
+        assert response.status_code == 200
+        async with asyncio.timeout(5):
+            async for line in response.aiter_lines():
+                if line.startswith("id: "):
+                    break
+        assert line == "id: 1"  # replayed from the query's cursor, 0
 
 
 async def test_stream_needs_a_token_and_the_subscribe_scope(
