@@ -97,7 +97,7 @@ async def publish_batch(
     """Up to 1,000 messages in one transaction: all are stored, or none."""
     principal.require("publish", queue)
     raw = await read_body(request, settings.max_batch_bytes)
-    drafts = _batch_drafts(_parse_json(raw), settings.max_batch_items)
+    drafts = _batch_drafts(_parse_json(raw), settings.max_batch_items, settings.max_body_bytes)
     results = await hub.publish(queue, drafts, principal)
     # PublishedItems, joined from the messages' JSON: encoding 1,000 of them again cost 6 ms.
     body = '{"items":[' + ",".join(r.json for r in results) + "]}"
@@ -218,7 +218,7 @@ def _text_type(declared: str | None) -> str:
     return declared[:255]
 
 
-def _batch_drafts(payload: Any, max_items: int) -> list[Draft]:
+def _batch_drafts(payload: Any, max_items: int, max_body: int) -> list[Draft]:
     if not isinstance(payload, dict) or set(payload) != {"items"} or not isinstance(payload["items"], list):
         raise validation_error({"body": ['expected {"items": [...]}']})
     items = payload["items"]
@@ -232,6 +232,10 @@ def _batch_drafts(payload: Any, max_items: int) -> list[Draft]:
             problems[str(index)] = [
                 f"{'.'.join(map(str, e['loc'])) or 'item'}: {e['msg']}" for e in error.errors()
             ]
+            continue
+        # A message published alone could not be this large either.
+        if len(drafts[-1].body.encode()) > max_body:
+            problems[str(index)] = [f"body: more than {max_body} bytes"]
     if problems:
         raise validation_error({"items": problems}, f"{len(problems)} of {len(items)} items are invalid")
     return drafts

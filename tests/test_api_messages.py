@@ -420,6 +420,15 @@ BAD_INPUT: dict[str, tuple[Callable[[str], Request], int, str]] = {
         422,
         "validation_error",
     ),
+    "batch-item-larger-than-one-message": (
+        lambda q: (
+            "POST",
+            messages_url(q) + "/batch",
+            {"json": {"items": [{"body": 1}, {"body": "x" * MAX_BODY}]}},
+        ),
+        422,
+        "validation_error",
+    ),
     "malformed-json": (
         lambda q: (
             "POST",
