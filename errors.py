@@ -42,6 +42,14 @@ def too_large(limit: int) -> ApiError:
     return ApiError(413, "too_large", f"request body exceeds {limit} bytes", {"limit": limit})
 
 
+class BodyTooLarge(HTTPException):
+    """`too_large`, raised while a body is read: FastAPI lets only HTTPException through there."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413)
+        self.limit = limit
+
+
 def unauthorized(reason: str = "a valid token is required") -> ApiError:
     return ApiError(401, "unauthorized", reason)
 
@@ -81,6 +89,11 @@ async def _invalid_request(_: Request, error: Exception) -> JSONResponse:
     return envelope(validation_error(field_errors(error.errors())))
 
 
+async def _body_too_large(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, BodyTooLarge)
+    return envelope(too_large(error.limit))
+
+
 async def _http_error(_: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, HTTPException)
     # FastAPI's own 400 is a JSON body it could not parse even as far as saying where (too deep).
@@ -102,5 +115,6 @@ async def _unexpected(_: Request, error: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(BodyTooLarge, _body_too_large)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
