@@ -7,7 +7,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from loguru import logger
 from starlette.exceptions import HTTPException
 
 
@@ -107,14 +106,9 @@ def internal_error() -> JSONResponse:
     return envelope(ApiError(500, "internal_error", "internal error"))
 
 
-async def _unexpected(_: Request, error: Exception) -> JSONResponse:
-    logger.opt(exception=error).error("unhandled error")
-    return internal_error()
-
-
 def install_error_handlers(app: FastAPI) -> None:
+    """Errors the routes raise; anything else is logged and answered by `RequestContext`."""
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(BodyTooLarge, _body_too_large)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)

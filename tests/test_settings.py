@@ -50,7 +50,6 @@ BAD_STARTS: dict[str, tuple[dict[str, str], str]] = {
     "data-dir-is-a-file": ({}, "POMBO_DATA_DIR"),
     "sqlite-path-impossible": ({}, "POMBO_DATABASE_URL"),
 }
-KNOWN_BUGS: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +99,7 @@ def bad_starts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int 
     return results
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(case, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[case]))
-        if case in KNOWN_BUGS
-        else case
-        for case in BAD_STARTS
-    ],
-)
+@pytest.mark.parametrize("case", list(BAD_STARTS))
 def test_a_bad_setting_stops_the_start_in_one_line(
     bad_starts: dict[str, tuple[int | None, str, str]], case: str
 ) -> None:
