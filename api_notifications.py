@@ -17,6 +17,7 @@ from deps import (
     direct,
     hub_of,
     notifications_of,
+    revocations_of,
     settings_of,
     stream_cursor,
 )
@@ -103,7 +104,8 @@ async def stream_notifications(request: Request) -> StreamResponse:
             "unread_count", {"unread_count": await notifications.unread_count(principal.subject)}
         )
 
-    return open_stream(hub, settings, principal, user_log(principal.subject), cursor, side_frame=unread)
+    log, revocations = user_log(principal.subject), revocations_of(request)
+    return open_stream(hub, settings, principal, log, cursor, side_frame=unread, revocations=revocations)
 
 
 @router.patch("/{notification_id}")

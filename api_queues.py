@@ -17,6 +17,7 @@ from deps import (
     caller,
     direct,
     hub_of,
+    revocations_of,
     settings_of,
     stream_cursor,
 )
@@ -122,4 +123,4 @@ async def stream_queue(request: Request, queue: QueueName) -> StreamResponse:
     log = await live_queue_log(hub, queue)
     given = request.query_params.getlist("types")
     wanted = frozenset(t.strip() for text in given for t in text.split(",") if t.strip()) or None
-    return open_stream(hub, settings, principal, log, cursor, wanted)
+    return open_stream(hub, settings, principal, log, cursor, wanted, revocations=revocations_of(request))

@@ -21,7 +21,7 @@ from models import QUEUE_NAME_PATTERN
 from notifications import Notifications
 from settings import Settings
 from streams import resume_cursor
-from tokens import TokenStore
+from tokens import Revocations, TokenStore
 
 _bearer = HTTPBearer(auto_error=False, description="a token from `python main.py token`")
 
@@ -34,6 +34,11 @@ def hub_of(request: Request) -> Hub:
 def settings_of(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
+
+
+def revocations_of(request: Request) -> Revocations:
+    revocations: Revocations = request.app.state.revocations
+    return revocations
 
 
 def notifications_of(request: Request) -> Notifications:
@@ -72,7 +77,7 @@ def caller(request: Request) -> Principal:
     if token:
         codec: TokenCodec = request.app.state.codec
         principal = codec.read(token)
-        if principal.token_id is not None and principal.token_id in request.app.state.revocations:
+        if principal.token_id is not None and principal.token_id in revocations_of(request):
             raise unauthorized("the token was revoked")
         return principal
     anonymous: Principal | None = request.app.state.anonymous

@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import json
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Container, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -66,6 +66,9 @@ class StreamSpec:
     lifetime: float
     retry_ms: int
     token_expires_at: datetime | None = None
+    # The token's id and the replica's revoked ids: a revoked token's stream ends at its next wake.
+    token_id: str | None = None
+    revocations: Container[str] = frozenset()
     heartbeat: float = 15.0
     side_frame: SideFrame | None = None
 
@@ -168,6 +171,9 @@ class LogStream:
             subscriber.direct = direct
             await subscriber.wait(min(beat, deadline))
             subscriber.direct = None
+            if spec.token_id in spec.revocations:
+                await self._write(control_frame("stream.expired", {"reason": "token_revoked"}))
+                return
             if self._held is not None:
                 await self._finish_held()
             if await self._drain():
@@ -383,6 +389,7 @@ def open_stream(
     cursor: int | None,
     types: frozenset[str] | None = None,
     side_frame: SideFrame | None = None,
+    revocations: Container[str] = frozenset(),
 ) -> StreamResponse:
     """Subscribe now, before any header is sent, then hand the stream to the response."""
     spec = StreamSpec(
@@ -392,6 +399,8 @@ def open_stream(
         lifetime=settings.stream_lifetime_seconds,
         retry_ms=settings.retry_ms,
         token_expires_at=principal.expires_at,
+        token_id=principal.token_id,
+        revocations=revocations,
         heartbeat=settings.heartbeat_seconds,
         side_frame=side_frame,
     )

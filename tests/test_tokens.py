@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 import httpx
-from conftest import Server, auth, mint, unique
+from conftest import Listener, Server, auth, mint, unique
 
 
 async def mint_over_http(http: httpx.AsyncClient, scope: str = "subscribe:*") -> dict[str, Any]:
@@ -39,6 +40,25 @@ async def test_a_revoked_token_is_refused_at_once(server: Server, client: httpx.
     assert refused.status_code == 401
     assert refused.json()["error"]["message"] == "the token was revoked"
     assert (await client.delete("/api/v1/tokens/nope")).status_code == 404
+
+
+async def test_a_revoked_tokens_open_streams_end_within_a_heartbeat(make_server: Any) -> None:
+    server = make_server(heartbeat_seconds="0.3").start()
+    async with server.client() as http:
+        minted = await mint_over_http(http, "subscribe:*")
+        queue = unique()
+        assert (await http.post("/api/v1/queues", json={"name": queue})).status_code == 201
+        viewer = auth(minted["token"])
+        urls = [f"{server.url}/api/v1/queues/{queue}/stream", f"{server.url}/api/v1/notifications/stream"]
+        async with Listener(urls[0], viewer) as on_queue, Listener(urls[1], viewer) as on_inbox:
+            assert (await http.delete(f"/api/v1/tokens/{minted['id']}")).status_code == 200
+            revoked = time.monotonic()
+            for listener in (on_queue, on_inbox):
+                [ended] = await listener.wait_for(1, timeout=5, event="stream.expired")
+                assert json.loads(ended.data) == {"reason": "token_revoked"}
+                assert ended is listener.events[-1][1] and listener.events[-1][0] - revoked < 1.5
+                await listener.wait_for(len(listener.events) + 1, timeout=2)  # until the server closes it
+                assert listener.finished
 
 
 async def test_only_admins_manage_tokens(server: Server, client: httpx.AsyncClient) -> None:
