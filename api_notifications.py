@@ -17,9 +17,9 @@ from deps import (
     direct,
     hub_of,
     notifications_of,
-    revocations_of,
     settings_of,
     stream_cursor,
+    stream_gate_of,
 )
 from exports import DOWNLOADS, Format, notification_export, respond
 from models import NotificationPriority
@@ -104,8 +104,8 @@ async def stream_notifications(request: Request) -> StreamResponse:
             "unread_count", {"unread_count": await notifications.unread_count(principal.subject)}
         )
 
-    log, revocations = user_log(principal.subject), revocations_of(request)
-    return open_stream(hub, settings, principal, log, cursor, side_frame=unread, revocations=revocations)
+    log, gate = user_log(principal.subject), stream_gate_of(request)
+    return open_stream(hub, settings, principal, log, cursor, side_frame=unread, gate=gate)
 
 
 @router.patch("/{notification_id}")

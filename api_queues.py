@@ -17,9 +17,9 @@ from deps import (
     caller,
     direct,
     hub_of,
-    revocations_of,
     settings_of,
     stream_cursor,
+    stream_gate_of,
 )
 from exports import DOWNLOADS, Format, event_export, respond
 from hub import queue_log
@@ -123,4 +123,4 @@ async def stream_queue(request: Request, queue: QueueName) -> StreamResponse:
     log = await live_queue_log(hub, queue)
     given = request.query_params.getlist("types")
     wanted = frozenset(t.strip() for text in given for t in text.split(",") if t.strip()) or None
-    return open_stream(hub, settings, principal, log, cursor, wanted, revocations=revocations_of(request))
+    return open_stream(hub, settings, principal, log, cursor, wanted, gate=stream_gate_of(request))

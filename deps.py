@@ -20,7 +20,7 @@ from leases import Leases
 from models import QUEUE_NAME_PATTERN
 from notifications import Notifications
 from settings import Settings
-from streams import resume_cursor
+from streams import StreamGate, resume_cursor
 from tokens import Revocations, TokenStore
 
 _bearer = HTTPBearer(auto_error=False, description="a token from `python main.py token`")
@@ -39,6 +39,11 @@ def settings_of(request: Request) -> Settings:
 def revocations_of(request: Request) -> Revocations:
     revocations: Revocations = request.app.state.revocations
     return revocations
+
+
+def stream_gate_of(request: Request) -> StreamGate:
+    gate: StreamGate = request.app.state.stream_gate
+    return gate
 
 
 def notifications_of(request: Request) -> Notifications:

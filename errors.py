@@ -57,6 +57,10 @@ def forbidden(scope: str) -> ApiError:
     return ApiError(403, "forbidden", f"this token lacks the scope {scope!r}", {"needed": scope})
 
 
+def rate_limited(message: str, **details: Any) -> ApiError:
+    return ApiError(429, "rate_limited", message, details)
+
+
 def unavailable(message: str) -> ApiError:
     return ApiError(503, "unavailable", message)
 

@@ -60,7 +60,7 @@ from notifications import Notifications
 from observability import RequestContext, configure_logging
 from schemas import token_lifetime
 from settings import Settings, SettingsError, load_settings, tortoise_config
-from streams import DirectSend
+from streams import DirectSend, StreamGate
 from sweeper import Sweeper
 from tokens import Revocations, TokenStore, issue_token
 from worker import Worker, WorkerError, WorkerOptions
@@ -116,6 +116,7 @@ async def _running_app(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
             await _first_admin_token(settings, app.state.codec)
         app.state.revocations = Revocations()
         await app.state.revocations.refresh()
+        app.state.stream_gate = StreamGate(app.state.revocations, settings.streams_per_subject)
         async with _running_hub(app, settings):
             broker = "redis" if settings.redis_url else "in-process broker"
             logger.info("pombo ready on {}:{} ({})", settings.host, settings.port, broker)

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     # A bounded lifetime lets deploys drain; the client resumes without loss.
     stream_lifetime_seconds: float = Field(default=600, gt=0)
     subscriber_buffer: int = Field(default=1000, ge=1)
+    # Open streams one subject may hold in each process (0: no cap; admins have none).
+    streams_per_subject: int = Field(default=50, ge=0)
     # A client that takes no frame for this long is cut: its socket buffer would hold the stream.
     stream_send_timeout_seconds: float = Field(default=30.0, gt=0)
     event_retention_seconds: float = Field(default=7 * 24 * 3600, ge=0)

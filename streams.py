@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import json
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Container, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import Principal
 from broker import Subscriber
+from errors import rate_limited
 from hub import Hub, queue_log
 from schemas import Update
 from settings import Settings
@@ -66,21 +68,49 @@ class StreamSpec:
     lifetime: float
     retry_ms: int
     token_expires_at: datetime | None = None
-    # The token's id and the replica's revoked ids: a revoked token's stream ends at its next wake.
+    subject: str = "anonymous"
     token_id: str | None = None
-    revocations: Container[str] = frozenset()
     heartbeat: float = 15.0
     side_frame: SideFrame | None = None
+
+
+class StreamGate:
+    """Who may hold a stream in this process: so many per subject, and no revoked token.
+
+    The cap keeps one token (a leaked one, a runaway script) from taking every socket; admins,
+    who run the benchmarks and the dashboards, have none.
+    """
+
+    def __init__(self, revocations: Container[str], per_subject: int) -> None:
+        self._revocations = revocations
+        self._per_subject = per_subject
+        self._open: Counter[str] = Counter()
+
+    def admit(self, principal: Principal) -> None:
+        """Count a new stream for `principal`; 429 `rate_limited` past the cap."""
+        subject, cap = principal.subject, self._per_subject
+        if cap and not principal.is_admin and self._open[subject] >= cap:
+            raise rate_limited(f"{subject!r} already holds {cap} streams here", limit=cap)
+        self._open[subject] += 1
+
+    def release(self, subject: str) -> None:
+        self._open[subject] -= 1
+        if self._open[subject] <= 0:
+            del self._open[subject]
+
+    def revoked(self, token_id: str | None) -> bool:
+        return token_id in self._revocations
 
 
 class LogStream:
     """One client's stream: a single coroutine that writes each frame as it comes."""
 
-    __slots__ = ("_broker", "_held", "_hub", "_last", "_send", "_spec", "_subscriber", "request_id")
+    __slots__ = ("_broker", "_gate", "_held", "_hub", "_last", "_send", "_spec", "_subscriber", "request_id")
     _send: Send
 
-    def __init__(self, hub: Hub, subscriber: Subscriber, spec: StreamSpec) -> None:
+    def __init__(self, hub: Hub, subscriber: Subscriber, spec: StreamSpec, gate: StreamGate) -> None:
         self._hub = hub
+        self._gate = gate
         self._broker = hub.broker
         self._subscriber = subscriber
         self._spec = spec
@@ -114,6 +144,7 @@ class LogStream:
             if self._held is not None:
                 self._held[0].close()
             self._broker.unsubscribe(subscriber)
+            self._gate.release(self._spec.subject)
 
     async def _run(self) -> None:
         spec = self._spec
@@ -171,7 +202,7 @@ class LogStream:
             subscriber.direct = direct
             await subscriber.wait(min(beat, deadline))
             subscriber.direct = None
-            if spec.token_id in spec.revocations:
+            if self._gate.revoked(spec.token_id):  # checked at each wake: within a heartbeat
                 await self._write(control_frame("stream.expired", {"reason": "token_revoked"}))
                 return
             if self._held is not None:
@@ -261,6 +292,7 @@ class LogStream:
     def abandon(self) -> None:
         """The response never started: release the subscription it was opened with."""
         self._broker.unsubscribe(self._subscriber)
+        self._gate.release(self._spec.subject)
 
     def _remaining(self) -> float:
         remaining = self._spec.lifetime
@@ -389,9 +421,12 @@ def open_stream(
     cursor: int | None,
     types: frozenset[str] | None = None,
     side_frame: SideFrame | None = None,
-    revocations: Container[str] = frozenset(),
+    *,
+    gate: StreamGate,
 ) -> StreamResponse:
-    """Subscribe now, before any header is sent, then hand the stream to the response."""
+    """Count the stream against its subject, subscribe before any header is sent, then hand the
+    stream to the response."""
+    gate.admit(principal)
     spec = StreamSpec(
         log=log,
         cursor=cursor,
@@ -399,10 +434,10 @@ def open_stream(
         lifetime=settings.stream_lifetime_seconds,
         retry_ms=settings.retry_ms,
         token_expires_at=principal.expires_at,
+        subject=principal.subject,
         token_id=principal.token_id,
-        revocations=revocations,
         heartbeat=settings.heartbeat_seconds,
         side_frame=side_frame,
     )
     subscriber = hub.broker.subscribe([log], settings.subscriber_buffer)
-    return StreamResponse(LogStream(hub, subscriber, spec))
+    return StreamResponse(LogStream(hub, subscriber, spec, gate))

@@ -255,7 +255,7 @@ async def test_a_last_event_id_that_is_no_number_is_ignored(
 ) -> None:
     queue = await create_queue(client)
     url = f"/api/v1/queues/{queue}/stream"
-    headers = {"Last-Event-ID": b"\xb2"}  # "²" in Latin-1, as servers read headers: a digit, not to int()
+    headers = [(b"last-event-id", b"\xb2")]  # "²" in Latin-1, as servers read headers: a digit, not to int()
     async with client.stream("GET", url, headers=headers, params={"last_event_id": 0}) as response:
         assert response.status_code == 200
         async with asyncio.timeout(5):
@@ -366,3 +366,23 @@ async def test_a_client_that_stops_reading_is_cut(make_server: Any) -> None:
 
 def auth_line() -> str:
     return "Authorization: " + ADMIN["Authorization"]
+
+
+async def test_a_subject_holds_so_many_streams_and_a_closed_one_frees_its_place(make_server: Any) -> None:
+    server = make_server(streams_per_subject="2").start()
+    async with server.client() as http:
+        queue = unique()
+        assert (await http.post("/api/v1/queues", json={"name": queue})).status_code == 201
+        url = f"{server.url}/api/v1/queues/{queue}/stream"
+        viewer, other = auth(mint("viewer", "subscribe:*")), auth(mint("other", "subscribe:*"))
+        async with Listener(url, viewer), Listener(f"{server.url}/api/v1/notifications/stream", viewer):
+            refused = await http.get(url, headers=viewer)
+            assert assert_error(refused, 429, "rate_limited")["details"] == {"limit": 2}
+            async with Listener(url, other), Listener(url, ADMIN), Listener(url, ADMIN), Listener(url, ADMIN):
+                pass  # another subject has its own places, and admins have no cap
+        deadline = time.monotonic() + 5
+        while (await http.get("/healthz")).json()["streams"]:
+            assert time.monotonic() < deadline, "closed streams were never released"
+            await asyncio.sleep(0.05)
+        async with Listener(url, viewer), Listener(url, viewer):  # both places were given back
+            pass
