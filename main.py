@@ -16,7 +16,6 @@ import contextlib
 import gc
 import json
 import logging
-import os
 import resource
 import signal
 import socket
@@ -59,7 +58,7 @@ from leases import Leases
 from notifications import Notifications
 from observability import RequestContext, configure_logging
 from schemas import token_lifetime
-from settings import Settings, SettingsError, load_settings, tortoise_config
+from settings import ClientSettings, Settings, SettingsError, load_settings, tortoise_config
 from streams import DirectSend, StreamGate
 from sweeper import Sweeper
 from tokens import Revocations, TokenStore, issue_token
@@ -246,11 +245,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _client_commands(commands: Any) -> None:
-    remote = argparse.ArgumentParser(add_help=False)
-    remote.add_argument(
-        "--url", default=os.environ.get("POMBO_URL", "http://127.0.0.1:8000"), help="default: $POMBO_URL"
-    )
-    remote.add_argument("--token", default=os.environ.get("POMBO_TOKEN"), help="default: $POMBO_TOKEN")
+    remote, client = argparse.ArgumentParser(add_help=False), ClientSettings()
+    remote.add_argument("--url", default=client.url, help="default: $POMBO_URL, else http://127.0.0.1:8000")
+    remote.add_argument("--token", default=client.token, help="default: $POMBO_TOKEN")
     publish = commands.add_parser("publish", parents=[remote], help="publish a message (the body, or stdin)")
     publish.add_argument("queue")
     publish.add_argument("body", nargs="?", help="default: read stdin")

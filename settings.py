@@ -108,6 +108,16 @@ class Settings(BaseSettings):
         return self.environment == "production" if self.log_json is None else self.log_json
 
 
+class ClientSettings(BaseSettings):
+    """Where the `publish`, `subscribe` and `work` commands find the server: `POMBO_URL`,
+    `POMBO_TOKEN` (options given on the command line win)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    url: str = "http://127.0.0.1:8000"
+    token: str | None = None
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Environment, then `.env.<environment>`, then `.env`, then Docker secrets."""
     environment = overrides.get("environment") or _environment_hint()
