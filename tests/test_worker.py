@@ -48,6 +48,13 @@ async def messages(http: httpx.AsyncClient, queue: str, status: str) -> list[dic
     return list(response.json()["items"])
 
 
+async def wait_done(http: httpx.AsyncClient, queue: str, count: int) -> None:
+    async def done() -> bool:
+        return len(await messages(http, queue, "done")) == count
+
+    await wait_until(done)
+
+
 async def wait_until(predicate: Any, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not await predicate():
@@ -70,10 +77,7 @@ async def test_publish_work_and_subscribe_end_to_end(sqlite_server: Server, tmp_
         subscriber = pombo(sqlite_server, "subscribe", queue, "--from-start", stdout=subprocess.PIPE)
         worker = pombo(sqlite_server, "work", queue, "--", handler)
 
-        async def drained() -> bool:
-            return len(await messages(http, queue, "done")) == 2
-
-        await wait_until(drained)
+        await wait_done(http, queue, 2)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(15) == 0
         subscriber.send_signal(signal.SIGINT)
@@ -127,10 +131,7 @@ async def test_headers_reach_the_command_and_one_that_cannot_be_a_variable_is_le
         )
         worker = pombo(sqlite_server, "work", queue, "--", handler)
 
-        async def done() -> bool:
-            return len(await messages(http, queue, "done")) == 1
-
-        await wait_until(done)
+        await wait_done(http, queue, 1)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(15) == 0
     assert out.read_text() == "t-1\n"
@@ -468,10 +469,7 @@ async def test_batch_one_leaves_the_rest_of_the_queue_to_other_workers(
         assert len(await messages(http, queue, "pending")) == 2
         gate.touch()
 
-        async def drained() -> bool:
-            return len(await messages(http, queue, "done")) == 3
-
-        await wait_until(drained)
+        await wait_done(http, queue, 3)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(15) == 0
 
