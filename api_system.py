@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from tortoise import connections
 
-from deps import CurrentPrincipal, HubDep
+from availability import PROBE_TIMEOUT, Availability
+from deps import AvailabilityDep, CurrentPrincipal, HubDep
+from hub import Hub
 from schemas import Me
 
 router = APIRouter(tags=["system"])
+
+# A writer that committed this recently can commit: readiness probes only an idle one.
+WRITER_FRESH_SECONDS = 5.0
 
 
 @router.get("/healthz")
@@ -18,12 +25,21 @@ async def healthz(hub: HubDep) -> dict[str, str | int]:
     return {"status": "ok", "streams": hub.broker.subscriber_count}
 
 
-@router.get("/readyz", responses={503: {"description": "the database or the broker is unreachable"}})
-async def readyz(hub: HubDep) -> JSONResponse:
-    """The database and the broker answer."""
-    checks = {"database": await _database_ok(), "broker": await hub.broker.ready()}
-    ready = all(checks.values())
-    body = {"status": "ready" if ready else "unavailable", "checks": checks}
+@router.get("/readyz", responses={503: {"description": "a write cannot succeed now"}})
+async def readyz(hub: HubDep, availability: AvailabilityDep) -> JSONResponse:
+    """Whether this replica can serve writes now: the database answers and the writer commits.
+
+    `checks` names each part `ok` or `down`. A broker that is down leaves the replica ready
+    (`status` is then `degraded`): streams and claims fall back to the database.
+    """
+    checks = {
+        "database": await availability.check("database"),
+        "writer": await _writer_ok(hub, availability),
+        "broker": await _broker_ok(hub),
+    }
+    ready = checks["database"] and checks["writer"]
+    status = "unavailable" if not ready else "ready" if checks["broker"] else "degraded"
+    body = {"status": status, "checks": {name: "ok" if ok else "down" for name, ok in checks.items()}}
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
@@ -32,9 +48,17 @@ async def me(principal: CurrentPrincipal) -> Me:
     return Me(subject=principal.subject, scopes=sorted(principal.scopes), expires_at=principal.expires_at)
 
 
-async def _database_ok() -> bool:
-    try:
-        await connections.get("default").execute_query("SELECT 1")
-    except Exception:  # noqa: BLE001 - any failure means not ready
+async def _writer_ok(hub: Hub, availability: Availability) -> bool:
+    """What the writer's recent commits say; a write of nothing when it has made none lately."""
+    if availability.is_down("writer"):
         return False
-    return True
+    if time.monotonic() - hub.writer.committed_at < WRITER_FRESH_SECONDS:
+        return True
+    return await availability.check("writer")
+
+
+async def _broker_ok(hub: Hub) -> bool:
+    try:
+        return await asyncio.wait_for(hub.broker.ready(), PROBE_TIMEOUT)
+    except TimeoutError:
+        return False

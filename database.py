@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+from loguru import logger
 from tortoise import Tortoise
+from tortoise.backends.asyncpg.client import AsyncpgDBClient, TransactionWrapper
 from tortoise.migrations.api import migrate
 
 from settings import Settings, SettingsError, tortoise_config
@@ -18,25 +22,42 @@ from settings import Settings, SettingsError, tortoise_config
 # Constants shared by all replicas: they name Pombo's advisory locks in PostgreSQL.
 MIGRATION_LOCK = 0x706F6D626F
 REPLICA_LOCK = 0x706F6D6270
+# A transaction waits at most this long for a pooled connection, then its caller gets 503.
+ACQUIRE_SECONDS = 2.0
+# A rollback that takes longer than this leaves its connection in doubt: it is terminated.
+ROLLBACK_SECONDS = 2.0
 
 
 def prepare_storage(settings: Settings) -> None:
-    """Create the data dir, and prove the SQLite file can be opened, or say which setting is wrong."""
+    """Create the data dir, and prove the SQLite file can be written, or say which setting is wrong."""
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        reason = _unwritable(settings.data_dir)
     except OSError as error:
-        raise SettingsError(
-            f"invalid setting POMBO_DATA_DIR: cannot create {settings.data_dir}: {error.strerror}"
-        ) from None
+        reason = error.strerror
+    if reason:
+        raise SettingsError(f"invalid setting POMBO_DATA_DIR: cannot write to {settings.data_dir}: {reason}")
     path = settings.database.removeprefix("sqlite://").split("?")[0]
     if not settings.is_sqlite or path == ":memory:":
         return
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        sqlite3.connect(path).close()
+        # SQLite writes beside its file too (the WAL and its index).
+        reason = _unwritable(Path(path).parent)
+        if not reason:
+            sqlite3.connect(path).close()
+            reason = _unwritable(Path(path))
     except (OSError, sqlite3.Error) as error:
         reason = getattr(error, "strerror", None) or str(error)
-        raise SettingsError(f"invalid setting POMBO_DATABASE_URL: cannot open {path}: {reason}") from None
+    if reason:
+        raise SettingsError(f"invalid setting POMBO_DATABASE_URL: cannot write {path}: {reason}")
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why `path` cannot be written, if it cannot: a read-only mount refuses even root."""
+    if os.access(path, os.W_OK):
+        return None
+    return "read-only file system" if os.statvfs(path).f_flag & os.ST_RDONLY else "permission denied"
 
 
 @contextmanager
@@ -105,3 +126,65 @@ async def _migration_lock(settings: Settings) -> AsyncIterator[None]:
         yield
     finally:
         await connection.close()
+
+
+@asynccontextmanager
+async def pg_transaction(client: AsyncpgDBClient) -> AsyncIterator[TransactionWrapper]:
+    """A transaction on one of the pool's connections, terminated rather than handed back in doubt.
+
+    Not Tortoise's `in_transaction`: when handing its connection back to asyncpg's pool fails
+    (a connection lost mid-transaction: "cannot switch to state 15", asyncpg issue 784), it
+    leaves the task's context pointing at the released connection, and a long-lived task (the
+    writer) then fails every transaction until the process restarts. Here the task's context is
+    never touched, and a connection whose state is unknown is terminated, which also gives its
+    slot back to the pool; the next acquire connects afresh.
+    """
+    pool = await _pool_of(client)
+    connection = await pool.acquire(timeout=ACQUIRE_SECONDS)
+    wrapper = TransactionWrapper(client)
+    wrapper._connection = connection
+    clean = False
+    try:
+        await wrapper.begin()
+        yield wrapper
+        await wrapper.commit()
+        clean = True
+    except BaseException:
+        clean = await _rolled_back(wrapper)
+        raise
+    finally:
+        await _hand_back(pool, connection, clean)
+
+
+async def _pool_of(client: AsyncpgDBClient) -> Any:
+    if client._pool is None:
+        async with client._pool_init_lock:
+            if client._pool is None:
+                await client.create_connection(with_db=True)
+    return client._pool
+
+
+async def _rolled_back(wrapper: TransactionWrapper) -> bool:
+    """Whether the transaction was rolled back and its connection is fit for reuse.
+
+    A connection lost mid-transaction may already be back in the pool (asyncpg releases it as it
+    closes), and then even asking whether it is closed raises.
+    """
+    try:
+        if wrapper._finalized or wrapper._connection.is_closed():
+            return False
+        await asyncio.wait_for(wrapper.rollback(), ROLLBACK_SECONDS)
+    except Exception:  # noqa: BLE001 - any doubt about the connection: it is terminated
+        return False
+    return True
+
+
+async def _hand_back(pool: Any, connection: Any, clean: bool) -> None:
+    try:
+        if clean:
+            # A release whose reset fails terminates the connection itself, then raises.
+            await pool.release(connection)
+        else:
+            connection.terminate()
+    except Exception as error:  # noqa: BLE001 - the connection is gone either way; its slot is free
+        logger.debug("a connection could not be handed back ({}); it was terminated", error)

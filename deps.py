@@ -14,6 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.responses import Response
 
 from auth import Principal, TokenCodec
+from availability import Availability
 from errors import unauthorized, validation_error
 from hub import Hub, Window
 from leases import Leases
@@ -107,6 +108,11 @@ async def _notifications(request: Request) -> Notifications:
     return notifications_of(request)
 
 
+async def _availability(request: Request) -> Availability:
+    availability: Availability = request.app.state.availability
+    return availability
+
+
 async def _tokens(request: Request) -> TokenStore:
     tokens: TokenStore = request.app.state.tokens
     return tokens
@@ -166,6 +172,7 @@ def _bearer_token(request: Request) -> str | None:
 
 
 HubDep = Annotated[Hub, Depends(_hub)]
+AvailabilityDep = Annotated[Availability, Depends(_availability)]
 TokensDep = Annotated[TokenStore, Depends(_tokens)]
 NotificationsDep = Annotated[Notifications, Depends(_notifications)]
 LeasesDep = Annotated[Leases, Depends(_leases)]

@@ -61,13 +61,21 @@ def rate_limited(message: str, **details: Any) -> ApiError:
     return ApiError(429, "rate_limited", message, details)
 
 
-def unavailable(message: str) -> ApiError:
-    return ApiError(503, "unavailable", message)
+def unavailable(message: str, **details: Any) -> ApiError:
+    return ApiError(503, "unavailable", message, details)
+
+
+# What a 503 tells a client to wait before it tries again: an outage's end is noticed within a second.
+RETRY_AFTER_SECONDS = 1
 
 
 def envelope(error: ApiError) -> JSONResponse:
     body = {"error": {"code": error.code, "message": error.message, "details": error.details}}
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    headers = None
+    if error.status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif error.status == 503:
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
     return JSONResponse(body, status_code=error.status, headers=headers)
 
 

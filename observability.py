@@ -14,9 +14,11 @@ from typing import TextIO
 import loguru
 from loguru import logger
 from starlette.datastructures import MutableHeaders
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from errors import internal_error
+from availability import Availability, refusal, unavailable_cause
+from errors import envelope, internal_error
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -87,6 +89,9 @@ def configure_logging(json_lines: bool, level: str = "INFO") -> None:
     for name in ("uvicorn", "uvicorn.error", "tortoise", "asyncio"):
         logging.getLogger(name).handlers = [_Intercept()]
         logging.getLogger(name).propagate = False
+    # Each outage is logged once, as an episode (availability.py); asyncpg would add a traceback
+    # every second while it fails to keep its pool's floor of connections.
+    logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
     # Our own access line replaces uvicorn's, which would print query strings (and tokens).
     logging.getLogger("uvicorn.access").disabled = True
 
@@ -98,10 +103,13 @@ class RequestContext:
     """Gives each request an id (echoing a sane client one), logs one line when it ends.
 
     The access line has the path without its query string: `access_token` must never be logged.
+    An error that says the database is unavailable is answered 503 and counted against its
+    episode; any other is logged with its traceback and answered 500.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, availability: Availability) -> None:
         self.app = app
+        self.availability = availability
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -115,19 +123,29 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 status.append(message["status"])
                 MutableHeaders(scope=message)["X-Request-ID"] = request_id
+                if message["status"] == 503:
+                    self.availability.refused()
             await send(message)
 
         with logger.contextualize(request_id=request_id):
             try:
                 await self.app(scope, receive, send_with_id)
             except Exception as error:  # noqa: BLE001 - answered here, so a 500 carries the id too
-                logger.opt(exception=error).error("unhandled error")
+                response = self._answer(error)
                 if not status:
-                    await internal_error()(scope, receive, send_with_id)
+                    await response(scope, receive, send_with_id)
             finally:
                 elapsed = (time.perf_counter() - began) * 1000
                 answered = status[0] if status else 500
                 _access.info("{} {} {} {:.1f}ms", scope["method"], scope["path"], answered, elapsed)
+
+    def _answer(self, error: Exception) -> Response:
+        dependency = unavailable_cause(error)
+        if dependency is None:
+            logger.opt(exception=error).error("unhandled error")
+            return internal_error()
+        self.availability.failed(dependency, error)
+        return envelope(refusal(dependency))
 
 
 def _request_id(scope: Scope) -> str:

@@ -12,6 +12,7 @@ as it is made.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +46,19 @@ class SqliteThread:
     def _run(self, transaction: Transaction[T]) -> T:
         conn = SqliteTransactionWrapper(self._client)
         conn._connection = _Immediate(self._connect())  # type: ignore[assignment]
-        return run_to_end(_in_transaction(conn, transaction))
+        try:
+            return run_to_end(_in_transaction(conn, transaction))
+        except BaseException:
+            self._discard_in_doubt()
+            raise
+
+    def _discard_in_doubt(self) -> None:
+        """A connection still inside a transaction after its rollback (a full or failing disk) is
+        closed: the next transaction opens a fresh one."""
+        if self._db is not None and self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
@@ -68,7 +81,9 @@ async def _in_transaction(conn: SqliteTransactionWrapper, transaction: Transacti
     try:
         result = await transaction(conn)
     except BaseException:
-        await conn.rollback()
+        # A rollback that fails too (the disk) must not hide why the transaction failed.
+        with contextlib.suppress(Exception):
+            await conn.rollback()
         raise
     await conn.commit()
     return result

@@ -1,7 +1,8 @@
 """Background housekeeping: small chores run every few seconds, retention every minute or so.
 
 Each chore does bounded work (through the writer when it writes), so a large backlog is worked
-off over several ticks instead of stalling publishes.
+off over several ticks instead of stalling publishes. While the database is unavailable, chores
+fail quietly: the episode is logged once, by `Availability`.
 """
 
 from __future__ import annotations
@@ -12,14 +13,23 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from loguru import logger
 
+from availability import Availability, unavailable_cause
+from errors import ApiError
 from settings import Settings
 
 Chore = Callable[[], Awaitable[object]]
 
 
 class Sweeper:
-    def __init__(self, settings: Settings, every_tick: Sequence[Chore], retention: Sequence[Chore]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        every_tick: Sequence[Chore],
+        retention: Sequence[Chore],
+        availability: Availability,
+    ) -> None:
         self._settings = settings
+        self._availability = availability
         self._every_tick = every_tick
         self._retention = retention
         self._task: asyncio.Task[None] | None = None
@@ -41,15 +51,27 @@ class Sweeper:
                 next_retention = time.monotonic() + self._settings.retention_sweep_seconds
                 chores += self._retention
             for chore in chores:
-                await _run(chore)
+                await self._run(chore)
+
+    async def _run(self, chore: Chore) -> None:
+        try:
+            done = await chore()
+        except Exception as error:  # noqa: BLE001 - one bad chore must not end housekeeping
+            self._failed(chore, error)
+            return
+        _report(chore, done)
+
+    def _failed(self, chore: Chore, error: Exception) -> None:
+        if isinstance(error, ApiError) and error.status == 503:
+            return  # refused by the writer, whose episode is already under way
+        dependency = unavailable_cause(error)
+        if dependency is None:
+            logger.opt(exception=error).error("{} failed", _name(chore))
+        else:
+            self._availability.failed(dependency, error)
 
 
-async def _run(chore: Chore) -> None:
-    try:
-        done = await chore()
-    except Exception as error:  # noqa: BLE001 - one bad chore must not end housekeeping
-        logger.opt(exception=error).error("{} failed", _name(chore))
-        return
+def _report(chore: Chore, done: object) -> None:
     if isinstance(done, int) and done and not isinstance(done, bool):
         logger.info("{}: {}", _name(chore), done)
 

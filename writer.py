@@ -7,7 +7,9 @@ sequence order is commit order), commits, and only then publishes to the broker 
 An operation may raise `ApiError` only before it writes anything: the writer then discards
 its events and carries on with the rest of the group. Any other error rolls the whole group
 back and each operation is retried in a transaction of its own, so one client's failure never
-costs another client its publish.
+costs another client its publish. A database that is unavailable (down, restarting, out of
+disk) fails the whole group at once with 503, without retries that could only fail again; the
+next group tries afresh on a fresh connection.
 
 On a SQLite file the transaction runs on the writer's own connection and thread
 (`sqlite_thread.py`), in one trip from the event loop; on PostgreSQL, in one of the pool's.
@@ -16,6 +18,7 @@ On a SQLite file the transaction runs on the writer's own connection and thread
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,13 +27,16 @@ from typing import Any, Generic, TypeVar
 
 from loguru import logger
 from tortoise import connections
+from tortoise.backends.asyncpg.client import AsyncpgDBClient
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.backends.sqlite.client import SqliteClient
 from tortoise.fields import Field
 from tortoise.models import Model
 from tortoise.transactions import in_transaction
 
+from availability import Availability, refusal, unavailable_cause
 from broker import Broker
+from database import pg_transaction
 from errors import ApiError, unavailable
 from models import Event, Queue, utcnow
 from schemas import Update, utc_text
@@ -92,8 +98,9 @@ class _Job(Generic[T]):
 
 
 class Writer:
-    def __init__(self, broker: Broker, max_batch: int) -> None:
+    def __init__(self, broker: Broker, max_batch: int, availability: Availability) -> None:
         self._broker = broker
+        self._availability = availability
         self._max_batch = max_batch
         self._jobs: asyncio.Queue[_Job[Any]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -102,6 +109,8 @@ class Writer:
         # of our own transactions changes it. Any failed group forgets them all.
         self._known_queues: dict[str, Queue] = {}
         self._sqlite: SqliteThread | None = None
+        # When a commit last succeeded (the loop's clock): readiness probes only an idle writer.
+        self.committed_at = 0.0
 
     async def run(self, operation: Operation[T]) -> T:
         """Run `operation` in the next group commit; returns after its commit."""
@@ -110,6 +119,15 @@ class Writer:
         job: _Job[T] = _Job(operation, asyncio.get_running_loop().create_future())
         self._jobs.put_nowait(job)
         return await job.done
+
+    async def probe(self) -> None:
+        """Commit a write that leaves nothing behind, beside the groups: can a write succeed now?
+
+        A transaction of its own, so it holds no lock while a group's operations take theirs.
+        """
+        job: _Job[None] = _Job(_probe, asyncio.get_running_loop().create_future())
+        await self._transaction([job])
+        self.committed_at = time.monotonic()
 
     def start(self) -> None:
         client = connections.get("default")
@@ -143,20 +161,31 @@ class Writer:
             outcomes, updates = await self._transaction(jobs)
         except Exception as error:  # noqa: BLE001 - isolate, then report per job
             self._known_queues.clear()  # rolled back: rows changed in memory may not be stored
-            if len(jobs) > 1:
+            if unavailable_cause(error) is not None:
+                self._availability.failed("writer", error)
+                outcomes, updates = [refusal("database") for _ in jobs], []
+            elif len(jobs) > 1:
                 for job in jobs:
                     await self._commit([job])
                 return
-            logger.opt(exception=error).error("write failed")
-            outcomes, updates = [error], []
+            else:
+                logger.opt(exception=error).error("write failed")
+                outcomes, updates = [error], []
+        else:
+            self.committed_at = time.monotonic()
+            self._availability.recovered("writer")
         if updates:
             await self._broker.publish(updates)
         for job, outcome in zip(jobs, outcomes, strict=True):
             _settle(job.done, outcome)
 
     async def _transaction(self, jobs: list[_Job[Any]]) -> tuple[list[Any], list[Update]]:
-        if self._sqlite is None:
-            async with in_transaction() as conn:
+        client = connections.get("default")
+        if isinstance(client, AsyncpgDBClient):
+            async with pg_transaction(client) as conn:
+                outcomes, tx = await _group(jobs, None, conn)
+        elif self._sqlite is None:
+            async with in_transaction() as conn:  # an in-memory SQLite database, for tests
                 outcomes, tx = await _group(jobs, None, conn)
         else:
             outcomes, tx = await self._sqlite.run(partial(_group, jobs, self._known_queues))
@@ -178,6 +207,14 @@ async def _group(
 
 async def _stop(_: Tx) -> None:
     return None
+
+
+_PROBE_LOG = "probe:writer"
+
+
+async def _probe(tx: Tx) -> None:
+    await tx.conn.execute_query(tx.sql(_CREATE_LOG), [_PROBE_LOG])
+    await tx.conn.execute_query(tx.sql("DELETE FROM event_logs WHERE name = ?"), [_PROBE_LOG])
 
 
 async def _attempt(operation: Operation[Any], tx: Tx) -> Any:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,39 @@ def test_a_bad_setting_stops_the_start_in_one_line(
     assert len(lines) == 1, err
     assert BAD_STARTS[case][1] in lines[0]
     assert SHORT_SECRET not in lines[0]  # a bad secret is named, never printed
+
+
+@pytest.fixture
+def read_only_mount(tmp_path: Path) -> Iterator[Path]:
+    """A small file system mounted read-only, as a volume can be: even root cannot write to it."""
+    mount = tmp_path / "read-only"
+    mount.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)]
+    done = subprocess.run(command, capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.parametrize(
+    ("where", "named"),
+    [("data", "POMBO_DATA_DIR"), ("database", "POMBO_DATABASE_URL")],
+)
+def test_a_read_only_place_stops_the_start_in_one_line(
+    read_only_mount: Path, tmp_path: Path, where: str, named: str
+) -> None:
+    settings = {"POMBO_DATA_DIR": str(read_only_mount), "POMBO_PORT": str(free_port())}
+    if where == "database":
+        settings |= {
+            "POMBO_DATA_DIR": str(tmp_path / "data"),
+            "POMBO_DATABASE_URL": f"sqlite://{read_only_mount}/p.db",
+        }
+    command = [sys.executable, str(ROOT / "main.py"), "serve"]
+    done = subprocess.run(command, cwd=tmp_path, env=clean_env(settings), capture_output=True, timeout=60)
+    assert done.returncode == 2, done.stderr.decode()
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and "read-only file system" in lines[0], lines
 
 
 # .env files ------------------------------------------------------------------------------------

@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 from tortoise import Tortoise, connections
+from tortoise.backends.asyncpg.client import AsyncpgDBClient
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.backends.sqlite.client import SqliteClient
-from tortoise.transactions import in_transaction
 
+from database import pg_transaction
 from models import Message, NewMessage, Priority, Queue, new_id
 from sqlite_thread import SqliteThread
 from writer import ROWS_PER_INSERT, Tx, insert_rows
@@ -58,7 +59,8 @@ async def _insert_as_the_writer(rows: list[dict[str, Any]], at: datetime) -> Non
         finally:
             await thread.close()
     else:
-        async with in_transaction() as conn:
+        assert isinstance(client, AsyncpgDBClient)
+        async with pg_transaction(client) as conn:
             await insert(conn)
 
 
