@@ -253,5 +253,18 @@ def first_success_after(calls: list[Call], replica: int, after: float, kinds: se
     return min(answered, default=None)
 
 
+def says_down(call: Call) -> bool:
+    """A /readyz 503 naming the database or the writer as down."""
+    checks = call.checks or {}
+    return call.status == 503 and "down" in (checks.get("database"), checks.get("writer"))
+
+
+def check_drained(verdict: Verdict, counts: dict[str, int] | None, within: float) -> None:
+    left = None if counts is None else counts.get("pending", 0) + counts.get("processing", 0)
+    verdict.expect(
+        left == 0, f"the queue did not drain within {within:.0f} s after the load stopped: {counts}"
+    )
+
+
 def readyz_between(calls: list[Call], replica: int, start: float, end: float) -> list[Call]:
     return [c for c in calls if c.kind == "readyz" and c.replica == replica and start <= c.started <= end]
