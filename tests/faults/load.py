@@ -36,6 +36,7 @@ class Call:
     code: str | None = None
     error: str = ""
     checks: dict[str, str] | None = None  # /readyz only
+    state: str | None = None  # /readyz only: its "status"
 
     @property
     def latency(self) -> float:
@@ -45,7 +46,7 @@ class Call:
         answer = self.status if self.status is not None else self.error
         extra = f" Retry-After={self.retry_after}" if self.retry_after else ""
         extra += f" code={self.code}" if self.code else ""
-        extra += f" checks={self.checks}" if self.checks is not None else ""
+        extra += f" status={self.state} checks={self.checks}" if self.checks is not None else ""
         return f"<{self.kind} on replica {self.replica}: {answer} in {self.latency * 1000:.0f} ms{extra}>"
 
 
@@ -84,6 +85,7 @@ class Replicas:
         body = _json(response)
         code = body.get("error", {}).get("code") if response.status_code >= 400 else None
         checks = body.get("checks") if kind == "readyz" else None
+        state = body.get("status") if kind == "readyz" else None
         self.calls.append(
             Call(
                 kind,
@@ -94,6 +96,7 @@ class Replicas:
                 response.headers.get("retry-after"),
                 code if isinstance(code, str) else None,
                 checks=checks if isinstance(checks, dict) else None,
+                state=state if isinstance(state, str) else None,
             )
         )
         return response
