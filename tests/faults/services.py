@@ -21,10 +21,20 @@ from conftest import free_port
 SHARED_POSTGRES_PORT = 5432
 
 
-def _as_postgres(*command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def postgres_tool(name: str) -> str | None:
+    """A PostgreSQL binary on PATH, or in Debian's versioned directory (newest first)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
+    return str(versions[-1]) if versions else None
+
+
+def _as_postgres(tool: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run a PostgreSQL tool as the `postgres` OS user (its tools refuse to run as root)."""
     prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    return subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=timeout, check=False)
+    command = [*prefix, postgres_tool(tool) or tool, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @dataclass
@@ -49,7 +59,8 @@ class PostgresCluster:
         return f"postgres://postgres@127.0.0.1:{self.port}/{database}"
 
     def init(self) -> None:
-        shutil.chown(self.root, "postgres", "postgres")
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
         self.root.chmod(0o700)
         done = _as_postgres("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
         if done.returncode != 0:
