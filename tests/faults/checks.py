@@ -256,9 +256,20 @@ def first_success_after(calls: list[Call], replica: int, after: float, kinds: se
 
 
 def says_down(call: Call) -> bool:
-    """A /readyz 503 naming the database or the writer as down."""
+    """A /readyz 503 `unavailable`, naming the database or the writer as down."""
     checks = call.checks or {}
-    return call.status == 503 and "down" in (checks.get("database"), checks.get("writer"))
+    down = "down" in (checks.get("database"), checks.get("writer"))
+    return call.status == 503 and call.state == "unavailable" and down
+
+
+def is_ready(call: Call) -> bool:
+    """A /readyz 200 `ready` with every check `ok`."""
+    checks = call.checks or {}
+    return (
+        call.status == 200
+        and call.state == "ready"
+        and checks.get("database") == checks.get("writer") == "ok"
+    )
 
 
 def check_drained(verdict: Verdict, counts: dict[str, int] | None, within: float) -> None:

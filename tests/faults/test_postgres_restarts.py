@@ -23,6 +23,7 @@ from .checks import (
     check_subscriber,
     check_unavailable_answers,
     histogram,
+    is_ready,
     read_log,
     readyz_between,
     says_down,
@@ -123,10 +124,13 @@ async def run_outages(pg: PostgresCluster, cluster: Replicas, probes: str, verdi
         )
         wedged = [n for n, r in enumerate(recovered) if r is None or r > RECOVERY_SECONDS]
         if wedged:
-            statuses = histogram(c for c in cluster.calls if c.started >= started and c.replica in wedged)
+            since = [c for c in cluster.calls if c.started >= started and c.replica in wedged]
+            ready = [c for c in since if c.kind == "readyz"]
             verdict.fail(
                 f"cycle {cycle}: replica(s) {wedged} served no 2xx within {RECOVERY_SECONDS:.0f} s after "
-                f"PostgreSQL came back (their answers since: {statuses}); stopped after this cycle"
+                f"PostgreSQL came back; their answers since: "
+                f"{histogram(c for c in since if c.kind != 'readyz')}, /readyz meanwhile: {histogram(ready)} "
+                f"(last: {show(ready[-1:])}); stopped after this cycle"
             )
             break
         await asyncio.sleep(STEADY_SECONDS)
@@ -200,7 +204,7 @@ def check_readiness(verdict: Verdict, outage: Outage, calls: list[Call], replica
     not_503 = [c for c in down if c.status != 503]
     unnamed = [c for c in down if c.status == 503 and not says_down(c)]
     after = readyz_between(calls, replica, outage.started + RECOVERY_SECONDS, until)
-    not_ready = [c for c in after if c.status != 200 or (c.checks or {}).get("database") != "ok"]
+    not_ready = [c for c in after if not is_ready(c)]
     where = f"cycle {outage.cycle}, replica {replica}"
     verdict.expect(
         not not_503, f"{where}: /readyz during the outage answered {histogram(not_503)} ({len(down)} polls)"
@@ -210,7 +214,8 @@ def check_readiness(verdict: Verdict, outage: Outage, calls: list[Call], replica
     )
     verdict.expect(
         not not_ready,
-        f"{where}: /readyz from 10 s after the restart answered {histogram(not_ready)} not 200 ready",
+        f"{where}: /readyz from 10 s after the restart was not 200 ready with database ok: "
+        f"{len(not_ready)} of {len(after)}, e.g. {show(not_ready[:1])}",
     )
 
 

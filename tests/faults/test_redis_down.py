@@ -20,6 +20,7 @@ from .checks import (
     check_published,
     check_subscriber,
     histogram,
+    is_ready,
     read_log,
     readyz_between,
     show,
@@ -170,7 +171,7 @@ def check_broker_readiness(verdict: Verdict, calls: list[Call], down_at: float, 
         noticed = [c for c in during if c.started >= down_at + NOTICE_WITHIN]
         unsaid = [c for c in noticed if c.state != "degraded" or (c.checks or {}).get("broker") != "down"]
         after = readyz_between(calls, replica, up_at + RECOVERY_SECONDS, float("inf"))
-        not_ready = [c for c in after if c.status != 200 or c.state != "ready"]
+        not_ready = [c for c in after if not is_ready(c) or (c.checks or {}).get("broker") != "ok"]
         where = f"replica {'AB'[replica]}"
         verdict.expect(
             not not_200, f"{where}: /readyz with Redis down answered {histogram(not_200)}, not 200"

@@ -26,6 +26,7 @@ from .checks import (
     check_unavailable_answers,
     first_success_after,
     histogram,
+    is_ready,
     read_log,
     readyz_between,
     says_down,
@@ -150,8 +151,12 @@ def check_full_episode(
     )
     if back is not None:
         after = readyz_between(calls, 0, back + 1.0, float("inf"))
-        not_ready = [c for c in after if c.status != 200]
-        verdict.expect(not not_ready, f"/readyz after recovery answered {histogram(not_ready)}")
+        not_ready = [c for c in after if not is_ready(c)]
+        verdict.expect(
+            not not_ready,
+            f"/readyz from 1 s after the first 2xx was not 200 ready: {len(not_ready)} of {len(after)}, "
+            f"e.g. {show(not_ready[:1])}",
+        )
 
 
 def check_log_lines(verdict: Verdict, log_path: Path, start: int, end: int) -> None:
