@@ -227,13 +227,13 @@ class Subscriber:
         url = f"{self.replicas.servers[replica].url}/api/v1/queues/{self.queue}/stream"
         headers = {**ADMIN, "Last-Event-ID": str(self.last)}
         timeout = httpx.Timeout(5.0, read=self.read_timeout)
-        why = "ended"
+        why, connected = "ended", False
         try:
             async with (
                 httpx.AsyncClient(timeout=timeout) as http,
                 aconnect_sse(http, "GET", url, headers=headers) as source,
             ):
-                status = source.response.status_code
+                status, connected = source.response.status_code, True
                 self.connects.append((time.monotonic(), replica, status))
                 if status != 200:
                     await source.response.aread()
@@ -242,7 +242,7 @@ class Subscriber:
                 async for event in source.aiter_sse():
                     self._take(event)
         except (httpx.HTTPError, SSEError) as error:
-            if not self.connects or self.connects[-1][0] < time.monotonic() - 0.01:
+            if not connected:
                 self.connects.append((time.monotonic(), replica, None))
             why = type(error).__name__
         finally:

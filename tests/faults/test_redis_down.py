@@ -181,7 +181,11 @@ def check_broker_readiness(verdict: Verdict, calls: list[Call], down_at: float, 
             f"{where}: /readyz with Redis down did not say degraded, broker down: "
             f"{len(unsaid)} of {len(noticed)}, e.g. {show(unsaid[:1])}",
         )
-        verdict.expect(not not_ready, f"{where}: /readyz 10 s after Redis came back: {show(not_ready[:2])}")
+        verdict.expect(
+            not not_ready,
+            f"{where}: /readyz from 10 s after Redis came back was not 200 ready with every check ok: "
+            f"{len(not_ready)} of {len(after)}, e.g. {show(not_ready[:1])}",
+        )
 
 
 def _on(calls: list[Call], replica: int) -> list[Call]:
