@@ -1,0 +1,223 @@
+"""PostgreSQL stopped 5 s and started again, ten times, under publish + claim + stream load on two
+replicas: no replica wedges, outages answer 503 + Retry-After fast, nothing is lost or doubled."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from conftest import Server, unique
+
+from .checks import (
+    RECOVERY_SECONDS,
+    Verdict,
+    check_consumption,
+    check_drained,
+    check_healthz,
+    check_no_500,
+    check_published,
+    check_subscriber,
+    check_unavailable_answers,
+    histogram,
+    is_ready,
+    read_log,
+    readyz_between,
+    says_down,
+    show,
+    stored_messages,
+)
+from .load import Call, Crew, Publisher, Replicas, Subscriber, Worker, drained, poll_health
+from .services import PostgresCluster
+
+CYCLES = int(os.environ.get("POMBO_FAULTS_PG_CYCLES", "10"))
+OUTAGE_SECONDS = 5.0
+STEADY_SECONDS = 2.0
+FAST_503 = 1.0  # an outage's answers come this fast
+SETTINGS = {"heartbeat_seconds": "2", "sweep_seconds": "0.5"}
+
+
+@dataclass(frozen=True)
+class Outage:
+    cycle: int
+    stopping: float  # pg_ctl stop was called
+    stopped: float  # PostgreSQL is down
+    restarting: float  # pg_ctl start was called
+    started: float  # PostgreSQL accepts connections again
+
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(660)]
+
+
+async def test_postgres_stopped_5s_and_started_ten_times_under_load(
+    pg_cluster: PostgresCluster, replicas: Any, pg_fault_url: str
+) -> None:
+    servers: list[Server] = replicas(2, **SETTINGS)
+    pids = [server.process.pid for server in servers if server.process]
+    verdict = Verdict(f"PostgreSQL stopped {OUTAGE_SECONDS:.0f} s and started, x{CYCLES}, two replicas")
+    queue, probes = unique("pg"), unique("probe")
+    async with Replicas(servers) as cluster:
+        for name in (queue, probes):
+            response = await cluster.call("setup", 0, "POST", "/api/v1/queues", json={"name": name})
+            assert response is not None and response.status_code == 201, response
+        publishers = [Publisher(cluster, queue, f"p{i}", prefer=i % 2, interval=0.1) for i in range(2)]
+        subscribers = [Subscriber(cluster, queue, prefer=i % 2) for i in range(2)]
+        workers = [Worker(cluster, queue, prefer=i % 2, visibility=3.0) for i in range(2)]
+        stop_publishing, stop_working = asyncio.Event(), asyncio.Event()
+        background = Crew()
+        background.start(poll_health(cluster), *(s.run() for s in subscribers))
+        publishing = [asyncio.create_task(p.run(stop_publishing)) for p in publishers]
+        working = [asyncio.create_task(w.run(stop_working)) for w in workers]
+        try:
+            await asyncio.sleep(STEADY_SECONDS)
+            outages = await run_outages(pg_cluster, cluster, probes, verdict)
+            stop_publishing.set()
+            await asyncio.gather(*publishing)
+            counts = await drained(cluster, queue, timeout=40)
+            check_drained(verdict, counts, 40)
+            stop_working.set()
+            await asyncio.gather(*working)
+            log = await read_log(cluster, queue)
+            head = log[-1]["seq"] if log else 0
+            for subscriber in subscribers:
+                await subscriber.reach(head, timeout=15)
+        finally:
+            stop_publishing.set()
+            stop_working.set()
+            await background.stop()
+            for task in (*publishing, *working):
+                task.cancel()
+        stored = await stored_messages(pg_fault_url, queue)
+    published_ids = {p.message_id for publisher in publishers for p in publisher.published.values()}
+    check_outages(verdict, cluster.calls, outages)
+    check_published(verdict, publishers, stored)
+    for n, subscriber in enumerate(subscribers):
+        check_subscriber(verdict, f"subscriber {n}", subscriber, head, published_ids)
+    check_consumption(verdict, log, stored)
+    check_no_500(verdict, cluster.calls)
+    check_unavailable_answers(verdict, cluster.calls)
+    check_healthz(verdict, cluster.calls)
+    alive = [s.process is not None and s.process.poll() is None for s in servers]
+    same = [s.process.pid for s in servers if s.process] == pids
+    verdict.expect(all(alive) and same, f"a replica exited or was restarted: alive {alive}, same pids {same}")
+    verdict.note(f"all calls: {histogram(cluster.calls)}")
+    verdict.conclude()
+
+
+async def run_outages(pg: PostgresCluster, cluster: Replicas, probes: str, verdict: Verdict) -> list[Outage]:
+    """Stop, probe, start, wait for both replicas to serve 2xx; stop early if one wedges."""
+    outages: list[Outage] = []
+    for cycle in range(1, CYCLES + 1):
+        stopping = time.monotonic()
+        stopped = await asyncio.to_thread(pg.stop)
+        await probe_outage(cluster, probes, until=stopped + OUTAGE_SECONDS)
+        restarting = time.monotonic()
+        started = await asyncio.to_thread(pg.start)
+        outages.append(Outage(cycle, stopping, stopped, restarting, started))
+        recovered = await probe_recovery(cluster, probes, started)
+        verdict.note(
+            f"cycle {cycle}: stop took {stopped - stopping:.2f} s, start {started - restarting:.2f} s; "
+            f"first 2xx after start: {', '.join(_seconds(r) for r in recovered)}"
+        )
+        wedged = [n for n, r in enumerate(recovered) if r is None or r > RECOVERY_SECONDS]
+        if wedged:
+            since = [c for c in cluster.calls if c.started >= started and c.replica in wedged]
+            ready = [c for c in since if c.kind == "readyz"]
+            verdict.fail(
+                f"cycle {cycle}: replica(s) {wedged} served no 2xx within {RECOVERY_SECONDS:.0f} s after "
+                f"PostgreSQL came back; their answers since: "
+                f"{histogram(c for c in since if c.kind != 'readyz')}, /readyz meanwhile: {histogram(ready)} "
+                f"(last: {show(ready[-1:])}); stopped after this cycle"
+            )
+            break
+        await asyncio.sleep(STEADY_SECONDS)
+    return outages
+
+
+async def probe_outage(cluster: Replicas, queue: str, until: float) -> None:
+    """During the outage, each replica gets a publish and a read every 0.5 s (kind `probe`)."""
+    n = 0
+    while time.monotonic() < until - 0.3:
+        calls = []
+        for replica in range(len(cluster.servers)):
+            n += 1
+            headers = {"Idempotency-Key": unique("outage")}
+            path = f"/api/v1/queues/{queue}/messages"
+            calls.append(cluster.call("probe", replica, "POST", path, json={"body": n}, headers=headers))
+            calls.append(cluster.call("probe", replica, "GET", "/api/v1/queues"))
+        await asyncio.gather(*calls)
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(max(0.0, until - time.monotonic()))
+
+
+async def probe_recovery(cluster: Replicas, queue: str, started: float) -> list[float | None]:
+    """Seconds from PostgreSQL accepting connections to each replica's first 2xx publish probe."""
+    firsts: list[float | None] = [None] * len(cluster.servers)
+    while time.monotonic() < started + RECOVERY_SECONDS + 2 and None in firsts:
+        for replica, first in enumerate(firsts):
+            if first is None:
+                path = f"/api/v1/queues/{queue}/messages"
+                response = await cluster.call(
+                    "recovery", replica, "POST", path, json={"body": 1}, timeout=2.0
+                )
+                if response is not None and response.is_success:
+                    firsts[replica] = time.monotonic() - started
+        await asyncio.sleep(0.1)
+    return firsts
+
+
+def check_outages(verdict: Verdict, calls: list[Call], outages: list[Outage]) -> None:
+    for n, outage in enumerate(outages):
+        following = outages[n + 1].stopping if n + 1 < len(outages) else float("inf")
+        during = [c for c in calls if outage.stopped <= c.started < outage.restarting and c.kind != "readyz"]
+        check_outage_answers(verdict, outage, [c for c in during if c.kind != "healthz"])
+        for replica in {c.replica for c in calls}:
+            check_readiness(verdict, outage, calls, replica, following)
+
+
+def check_outage_answers(verdict: Verdict, outage: Outage, during: list[Call]) -> None:
+    """Requests sent while PostgreSQL was down: 503 + Retry-After within 1 s (a 2xx only once it was back)."""
+    slow = [c for c in during if c.status == 503 and c.latency >= FAST_503 + (c.kind == "claim")]
+    early = [c for c in during if c.status and c.status < 300 and c.ended < outage.restarting]
+    other = [c for c in during if c.status != 503 and not (c.status and c.status < 300)]
+    verdict.note(
+        f"cycle {outage.cycle} outage: {len(during)} requests, {histogram(during)}, "
+        f"slowest 503 {max((c.latency for c in during if c.status == 503), default=0):.3f} s"
+    )
+    verdict.expect(not slow, f"cycle {outage.cycle}: {len(slow)} 503s took {FAST_503:.0f} s or more")
+    verdict.expect(
+        not early, f"cycle {outage.cycle}: {len(early)} 2xx while PostgreSQL was down: {show(early[:2])}"
+    )
+    verdict.expect(
+        not other,
+        f"cycle {outage.cycle}: {len(other)} outage answers were not 503: "
+        f"{histogram(other)} by kind {sorted({(c.kind, c.status) for c in other}, key=str)}",
+    )
+
+
+def check_readiness(verdict: Verdict, outage: Outage, calls: list[Call], replica: int, until: float) -> None:
+    """/readyz: 503 (database or writer down) while PostgreSQL is down, 200 ready from 10 s after."""
+    down = readyz_between(calls, replica, outage.stopped + 0.5, outage.restarting)
+    not_503 = [c for c in down if c.status != 503]
+    unnamed = [c for c in down if c.status == 503 and not says_down(c)]
+    after = readyz_between(calls, replica, outage.started + RECOVERY_SECONDS, until)
+    not_ready = [c for c in after if not is_ready(c)]
+    where = f"cycle {outage.cycle}, replica {replica}"
+    verdict.expect(
+        not not_503, f"{where}: /readyz during the outage answered {histogram(not_503)} ({len(down)} polls)"
+    )
+    verdict.expect(
+        not unnamed, f"{where}: /readyz 503 did not say database or writer down: {show(unnamed[:1])}"
+    )
+    verdict.expect(
+        not not_ready,
+        f"{where}: /readyz from 10 s after the restart was not 200 ready with database ok: "
+        f"{len(not_ready)} of {len(after)}, e.g. {show(not_ready[:1])}",
+    )
+
+
+def _seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value:.2f} s"
