@@ -89,6 +89,7 @@ Probe = Callable[[], Awaitable[object]]
 @dataclass
 class _Episode:
     began: float
+    last_failure: float
     refused: int = 0
 
 
@@ -109,16 +110,23 @@ class Availability:
         self._probes[dependency] = probe
 
     def failed(self, dependency: str, error: BaseException) -> None:
-        if dependency in self._down:
+        now = time.monotonic()
+        episode = self._down.get(dependency)
+        if episode is not None:
+            episode.last_failure = now
             return
-        self._down[dependency] = _Episode(time.monotonic())
+        self._down[dependency] = _Episode(now, now)
         logger.warning("{} unavailable ({}: {}); answering 503", dependency, type(error).__name__, error)
         if self._task is None and self._probes:
             self._task = asyncio.get_running_loop().create_task(self._probe_while_down(), name="probe")
 
     def recovered(self, dependency: str) -> None:
-        episode = self._down.pop(dependency, None)
-        if episode is not None:
+        """Something `dependency` was asked worked: the episode ends, once it has not also failed
+        for PROBE_SECONDS. A full disk takes a tiny write and refuses a publish: one success
+        proves little while failures keep coming."""
+        episode = self._down.get(dependency)
+        if episode is not None and time.monotonic() - episode.last_failure >= PROBE_SECONDS:
+            del self._down[dependency]
             took, refused = time.monotonic() - episode.began, episode.refused
             logger.info("{} available again after {:.1f}s; {} requests got 503", dependency, took, refused)
 
@@ -131,14 +139,14 @@ class Availability:
         return dependency in self._down
 
     async def check(self, dependency: str) -> bool:
-        """Probe `dependency` now; records the outcome. True when it answered."""
+        """Probe `dependency` now and record the outcome; True when it is up."""
         try:
             await asyncio.wait_for(self._probes[dependency](), PROBE_TIMEOUT)
         except Exception as error:  # noqa: BLE001 - whatever the probe met, the dependency is down
             self.failed(dependency, error)
             return False
         self.recovered(dependency)
-        return True
+        return not self.is_down(dependency)
 
     async def close(self) -> None:
         if self._task is not None:

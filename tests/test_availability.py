@@ -125,7 +125,9 @@ async def test_an_episode_logs_once_when_it_begins_and_once_when_it_ends(log_lin
     for _ in range(50):
         availability.failed("database", down)
         availability.refused()
+    availability.recovered("database")  # one success, just after failures, proves little
     assert availability.is_down("database")
+    await asyncio.sleep(PROBE_SECONDS)
     availability.recovered("database")
     availability.recovered("database")
     assert not availability.is_down("database")
@@ -182,3 +184,22 @@ async def test_a_transaction_whose_connection_dies_leaves_nothing_broken_behind(
     healed = "SELECT count(*) AS n FROM pg_tables WHERE tablename LIKE 'healed_%'"
     tables = await client.execute_query_dict(healed)
     assert tables[0]["n"] == 2
+
+
+async def test_successes_do_not_end_an_episode_that_real_work_still_meets(log_lines: list[str]) -> None:
+    """A full disk takes the probe's tiny write and refuses a publish: the publishes decide."""
+    availability = Availability()
+
+    async def probe() -> None:
+        return None
+
+    availability.watch("writer", probe)
+    for _ in range(int(PROBE_SECONDS * 3 / 0.05)):
+        availability.failed("writer", OSError("database or disk is full"))
+        availability.recovered("writer")  # a small write that fitted
+        await asyncio.sleep(0.05)
+    assert availability.is_down("writer")
+    await asyncio.sleep(PROBE_SECONDS * 2 + 0.2)  # the failures stopped: the probe ends it
+    assert not availability.is_down("writer")
+    assert [line.split()[0] for line in log_lines] == ["WARNING", "INFO"]
+    await availability.close()
