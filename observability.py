@@ -31,6 +31,12 @@ class _Intercept(logging.Handler):
         logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
 
 
+def _not_a_cut_stream(record: logging.LogRecord) -> bool:
+    """A stream cut because its client stopped reading ends without its last chunk: by design,
+    and the stream says so itself in one warning. Every other response of ours completes."""
+    return record.getMessage() != "ASGI callable returned without completing response."
+
+
 # How long an access line may wait to be written with the others (nginx's `access_log … flush=`).
 FLUSH_SECONDS = 0.1
 _FLUSH_LINES = 512
@@ -89,6 +95,7 @@ def configure_logging(json_lines: bool, level: str = "INFO") -> None:
     for name in ("uvicorn", "uvicorn.error", "tortoise", "asyncio"):
         logging.getLogger(name).handlers = [_Intercept()]
         logging.getLogger(name).propagate = False
+    logging.getLogger("uvicorn.error").addFilter(_not_a_cut_stream)
     # Each outage is logged once, as an episode (availability.py); asyncpg would add a traceback
     # every second while it fails to keep its pool's floor of connections.
     logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
