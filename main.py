@@ -58,7 +58,7 @@ from errors import install_error_handlers
 from hub import Hub
 from leases import Leases
 from notifications import Notifications
-from observability import RequestContext, configure_logging
+from observability import LogFile, RequestContext, configure_logging
 from schemas import token_lifetime
 from settings import ClientSettings, Settings, SettingsError, load_settings, tortoise_config
 from streams import DirectSend, StreamGate
@@ -358,7 +358,7 @@ def run(argv: Sequence[str]) -> int:
             scopes, ttl = parse_scopes(args.scope), token_lifetime(args.ttl)
             print(asyncio.run(_mint(settings, args.sub, scopes, ttl)))
             return 0
-        configure_logging(settings.json_logs)
+        configure_logging(settings.json_logs, file=_log_file(settings))
         if args.command == "migrate":
             asyncio.run(apply_migrations(settings))
         else:
@@ -367,6 +367,12 @@ def run(argv: Sequence[str]) -> int:
         print(f"pombo: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _log_file(settings: Settings) -> LogFile | None:
+    if settings.log_file is None:
+        return None
+    return LogFile(settings.log_file, settings.log_rotation, settings.log_retention)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ import re
 import sys
 import threading
 import time
-from typing import TextIO
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
 
 import loguru
 from loguru import logger
@@ -19,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from availability import Availability, refusal, unavailable_cause
 from errors import envelope, internal_error
+from settings import SettingsError
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -85,12 +88,23 @@ class BatchedSink:
         self.drain()
 
 
-def configure_logging(json_lines: bool, level: str = "INFO") -> None:
+@dataclass(frozen=True)
+class LogFile:
+    path: Path
+    rotation: str
+    retention: str
+
+
+def configure_logging(json_lines: bool, level: str = "INFO", file: LogFile | None = None) -> None:
+    """Lines to stderr, or to a rotated file; standard logging (uvicorn, Tortoise) goes the same way."""
     logger.remove()
     logger.configure(extra={"request_id": "-"})
     fmt = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {extra[request_id]} | {message}"
-    sink = BatchedSink(sys.stderr)
-    logger.add(sink, level=level, serialize=json_lines, format=fmt, diagnose=False, backtrace=False)
+    options: dict[str, Any] = {"level": level, "serialize": json_lines, "format": fmt, "diagnose": False}
+    if file is None:
+        logger.add(BatchedSink(sys.stderr), backtrace=False, **options)
+    else:
+        _add_file(file, options)
     logging.basicConfig(handlers=[_Intercept()], level=logging.INFO, force=True)
     for name in ("uvicorn", "uvicorn.error", "tortoise", "asyncio"):
         logging.getLogger(name).handlers = [_Intercept()]
@@ -101,6 +115,25 @@ def configure_logging(json_lines: bool, level: str = "INFO") -> None:
     logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
     # Our own access line replaces uvicorn's, which would print query strings (and tokens).
     logging.getLogger("uvicorn.access").disabled = True
+
+
+def _add_file(file: LogFile, options: dict[str, Any]) -> None:
+    retention: str | int = int(file.retention) if file.retention.isdigit() else file.retention  # files
+    _readable("POMBO_LOG_ROTATION", file.path, rotation=file.rotation)
+    _readable("POMBO_LOG_RETENTION", file.path, retention=retention)
+    try:
+        logger.add(file.path, rotation=file.rotation, retention=retention, backtrace=False, **options)
+    except OSError as error:
+        reason = f"cannot write {file.path}: {error.strerror}"
+        raise SettingsError(f"invalid setting POMBO_LOG_FILE: {reason}") from None
+
+
+def _readable(setting: str, path: Path, **given: Any) -> None:
+    """A SettingsError naming `setting` when loguru cannot read its value (tried alone, unopened)."""
+    try:
+        logger.remove(logger.add(path, delay=True, **given))
+    except ValueError as error:
+        raise SettingsError(f"invalid setting {setting}: {error}") from None
 
 
 _access = logger.bind(access=True)  # batched by BatchedSink

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     # the queue list under steady publishing is then a few key lookups instead of a count per read.
     count_cache: bool = True
     log_json: bool | None = None
+    # Log to this file instead of stderr, rotated and pruned in loguru's notation ("100 MB",
+    # "1 day", "00:00"; "14 days", "10 files").
+    log_file: Path | None = None
+    log_rotation: str = "100 MB"
+    log_retention: str = "14 days"
 
     @field_validator("database_url")
     @classmethod

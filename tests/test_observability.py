@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 from typing import Any
+
+from conftest import ROOT
 
 from observability import FLUSH_SECONDS
 
@@ -29,3 +35,48 @@ async def test_a_server_stopped_by_sigterm_has_written_every_line(make_server: A
     lines = server.log().splitlines()
     assert all(any(f"last-requests-{n} |" in line for line in lines) for n in range(20))
     assert "Finished server process" in lines[-1]
+
+
+async def test_a_log_file_is_rotated_and_pruned_with_one_json_object_a_line(make_server: Any) -> None:
+    server = make_server()
+    logs = server.data_dir / "logs"
+    server.env |= {
+        "POMBO_LOG_FILE": str(logs / "pombo.log"),
+        "POMBO_LOG_ROTATION": "4 KB",
+        "POMBO_LOG_RETENTION": "2",
+        "POMBO_ENVIRONMENT": "production",
+    }
+    server.start()
+    async with server.client() as http:
+        for n in range(60):
+            await http.get("/healthz", headers={"X-Request-ID": f"rotated-{n}"})
+    server.stop()
+    files = sorted(logs.iterdir())
+    assert logs / "pombo.log" in files and 2 <= len(files) <= 3, files  # the current file and two old
+    lines = [line for path in files for line in path.read_text().splitlines()]
+    records = [json.loads(line)["record"] for line in lines]
+    assert any(r["extra"].get("request_id") == "rotated-59" for r in records)
+    assert any(r["name"].startswith("uvicorn") for r in records)  # standard logging, same sink
+    assert "rotated-" not in server.log()  # not on stderr as well
+
+
+def test_a_log_rotation_loguru_cannot_read_stops_the_start_in_one_line(tmp_path: Any) -> None:
+    env = {**os.environ, "POMBO_DATA_DIR": str(tmp_path), "POMBO_LOG_FILE": str(tmp_path / "p.log")}
+    env |= {"POMBO_LOG_ROTATION": "now and then", "POMBO_JWT_SECRET": "s" * 40}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "serve"], env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stderr.decode().strip().splitlines() == [
+        "pombo: invalid setting POMBO_LOG_ROTATION: Cannot parse rotation from: 'now and then'"
+    ]
+
+
+def test_a_log_retention_loguru_cannot_read_is_named(tmp_path: Any) -> None:
+    env = {**os.environ, "POMBO_DATA_DIR": str(tmp_path), "POMBO_LOG_FILE": str(tmp_path / "p.log")}
+    env |= {"POMBO_LOG_RETENTION": "2 files", "POMBO_JWT_SECRET": "s" * 40}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "serve"], env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stderr.decode().startswith("pombo: invalid setting POMBO_LOG_RETENTION: "), done.stderr
