@@ -37,16 +37,16 @@ def prepare_storage(settings: Settings) -> None:
         reason = error.strerror
     if reason:
         raise SettingsError(f"invalid setting POMBO_DATA_DIR: cannot write to {settings.data_dir}: {reason}")
-    path = settings.database.removeprefix("sqlite://").split("?")[0]
-    if not settings.is_sqlite or path == ":memory:":
+    path = settings.sqlite_path
+    if path is None:
         return
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         # SQLite writes beside its file too (the WAL and its index).
-        reason = _unwritable(Path(path).parent)
+        reason = _unwritable(path.parent)
         if not reason:
             sqlite3.connect(path).close()
-            reason = _unwritable(Path(path))
+            reason = _unwritable(path)
     except (OSError, sqlite3.Error) as error:
         reason = getattr(error, "strerror", None) or str(error)
     if reason:

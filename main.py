@@ -3,6 +3,8 @@
 python main.py [serve]                         run the service
 python main.py token --sub NAME --scope "…"    print a signed token
 python main.py migrate                         apply migrations and exit
+python main.py backup PATH                     copy the SQLite database, also while serving
+python main.py restore PATH                    put a copy back (the server stopped)
 python main.py publish QUEUE [BODY]            publish BODY (or stdin)
 python main.py subscribe QUEUE                 print the queue's events as JSON lines
 python main.py work QUEUE -- COMMAND [ARGS…]   run COMMAND once per message
@@ -19,11 +21,13 @@ import logging
 import resource
 import signal
 import socket
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -49,6 +53,7 @@ from auth import (
     write_private,
 )
 from availability import Availability
+from backups import ScheduledBackups, backup, database_path, restore
 from body_limit import BodyLimit
 from broker import create_broker
 from client import PomboClient, PomboError
@@ -151,9 +156,14 @@ async def _running_hub(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     app.state.tokens = TokenStore(writer, app.state.codec, app.state.revocations)
     sweeper = _sweeper(app, settings)
     sweeper.start()
+    backups = ScheduledBackups(settings) if settings.backup_interval else None
+    if backups is not None:
+        backups.start()
     try:
         yield
     finally:
+        if backups is not None:
+            await backups.close()
         await sweeper.close()
         await availability.close()
         await writer.close()
@@ -250,6 +260,10 @@ def _parser() -> argparse.ArgumentParser:
     _client_commands(commands)
     commands.add_parser("serve", help="run the service (the default)")
     commands.add_parser("migrate", help="apply database migrations and exit")
+    backup = commands.add_parser("backup", help="copy the SQLite database to PATH, also while it serves")
+    backup.add_argument("path", type=Path)
+    restore = commands.add_parser("restore", help="put the copy at PATH in place (the server stopped)")
+    restore.add_argument("path", type=Path)
     token = commands.add_parser("token", help="print a signed token on stdout")
     token.add_argument("--sub", required=True, help="the subject, e.g. a user or service name")
     token.add_argument(
@@ -361,11 +375,26 @@ def run(argv: Sequence[str]) -> int:
         configure_logging(settings.json_logs, file=_log_file(settings))
         if args.command == "migrate":
             asyncio.run(apply_migrations(settings))
+        elif args.command in ("backup", "restore"):
+            return _copy(settings, args.command, args.path)
         else:
             serve(settings)
     except (SettingsError, ValueError) as error:
         print(f"pombo: {error}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _copy(settings: Settings, command: str, path: Path) -> int:
+    try:
+        if command == "restore":
+            restore(settings, path)
+        else:
+            size = backup(database_path(settings), path)
+            print(f"{path}: {size / 2**20:.1f} MiB")
+    except (OSError, sqlite3.Error) as error:
+        print(f"pombo: {command} failed: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

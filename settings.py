@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     # Queue counts kept under each queue log's head, in Redis or (one process) in memory: a read of
     # the queue list under steady publishing is then a few key lookups instead of a count per read.
     count_cache: bool = True
+    # A copy of the SQLite database into the data dir's backups/ this often (0: never), keeping
+    # the newest `backup_keep`.
+    backup_interval: float = Field(default=0, ge=0)
+    backup_keep: int = Field(default=7, ge=1)
     log_json: bool | None = None
     # Log to this file instead of stderr, rotated and pruned in loguru's notation ("100 MB",
     # "1 day", "00:00"; "14 days", "10 files").
@@ -98,6 +102,8 @@ class Settings(BaseSettings):
         # A generated secret would differ per replica: only the embedded default may generate one.
         if not self.is_sqlite and self.jwt_secret is None:
             raise ValueError("POMBO_JWT_SECRET is required with PostgreSQL")
+        if self.backup_interval and self.sqlite_path is None:
+            raise ValueError("POMBO_BACKUP_INTERVAL copies a SQLite file: back PostgreSQL up with pg_dump")
         return self
 
     @property
@@ -107,6 +113,12 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database.startswith("sqlite://")
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file, when the database is one (not PostgreSQL, not in memory)."""
+        path = self.database.removeprefix("sqlite://").split("?")[0]
+        return Path(path) if self.is_sqlite and path != ":memory:" else None
 
     @property
     def json_logs(self) -> bool:
