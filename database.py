@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 from loguru import logger
@@ -17,11 +18,13 @@ from tortoise import Tortoise
 from tortoise.backends.asyncpg.client import AsyncpgDBClient, TransactionWrapper
 from tortoise.migrations.api import migrate
 
+from availability import unavailable_cause
 from settings import Settings, SettingsError, tortoise_config
 
 # Constants shared by all replicas: they name Pombo's advisory locks in PostgreSQL.
 MIGRATION_LOCK = 0x706F6D626F
 REPLICA_LOCK = 0x706F6D6270
+CONNECT_SECONDS = 5.0
 # A transaction waits at most this long for a pooled connection, then its caller gets 503.
 ACQUIRE_SECONDS = 2.0
 # A rollback that takes longer than this leaves its connection in doubt: it is terminated.
@@ -80,6 +83,47 @@ def single_process(settings: Settings) -> Iterator[None]:
         yield
     finally:
         os.close(descriptor)
+
+
+async def prepare_database(settings: Settings) -> None:
+    """The database exists (created when PostgreSQL lets us) and its schema is up to date."""
+    try:
+        if not settings.is_sqlite:
+            await _create_if_missing(settings.database.split("?")[0])
+        await apply_migrations(settings)
+    except Exception as error:
+        if unavailable_cause(error) is None:
+            raise
+        where = urlsplit(settings.database).hostname or settings.database
+        raise SettingsError(f"cannot use the database at {where} (POMBO_DATABASE_URL): {error}") from None
+
+
+async def _create_if_missing(url: str) -> None:
+    try:
+        connection = await asyncpg.connect(url, timeout=CONNECT_SECONDS)
+    except asyncpg.InvalidCatalogNameError:
+        await _create(url)
+    else:
+        await connection.close()
+
+
+async def _create(url: str) -> None:
+    parts = urlsplit(url)
+    name = unquote(parts.path.lstrip("/"))
+    # The maintenance database every PostgreSQL has; the same user, who may be allowed to create.
+    connection = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")), timeout=CONNECT_SECONDS)
+    try:
+        await connection.execute(f'CREATE DATABASE "{name.replace(chr(34), chr(34) * 2)}"')
+        logger.info("created the database {}", name)
+    except asyncpg.DuplicateDatabaseError:
+        pass  # another replica, starting at the same time
+    except asyncpg.InsufficientPrivilegeError:
+        raise SettingsError(
+            f"invalid setting POMBO_DATABASE_URL: the database {name!r} does not exist "
+            f"and {parts.username!r} may not create it"
+        ) from None
+    finally:
+        await connection.close()
 
 
 async def apply_migrations(settings: Settings) -> None:

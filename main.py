@@ -58,10 +58,11 @@ from body_limit import BodyLimit
 from broker import create_broker
 from client import PomboClient, PomboError
 from count_cache import CountCache
-from database import apply_migrations, replicas_share_a_broker, single_process
+from database import prepare_database, replicas_share_a_broker, single_process
 from errors import install_error_handlers
 from hub import Hub
 from leases import Leases
+from models import Token
 from notifications import Notifications
 from observability import LogFile, RequestContext, configure_logging
 from schemas import token_lifetime
@@ -73,6 +74,7 @@ from worker import Worker, WorkerError, WorkerOptions
 from writer import Writer
 
 ADMIN_TOKEN_TTL = timedelta(days=365)
+FIRST_TOKEN_COMMAND = "python main.py token --sub admin --scope admin"
 # Bounded work per sweep, so housekeeping never stalls publishes for long.
 LEASES_PER_TICK = 500
 ROWS_PER_TICK = 500
@@ -112,10 +114,8 @@ def create_app(settings: Settings) -> FastAPI:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    async with replicas_share_a_broker(settings):
-        await apply_migrations(settings)
-        async with _running_app(app, settings):
-            yield
+    async with replicas_share_a_broker(settings), _running_app(app, settings):
+        yield
 
 
 @asynccontextmanager
@@ -125,6 +125,9 @@ async def _running_app(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     async with RegisterTortoise(app, config=tortoise_config(settings)):
         if generated:
             await _first_admin_token(settings, app.state.codec)
+        elif not await Token.exists():
+            # A secret of the operator's own (PostgreSQL, Docker): the first token is theirs to make.
+            logger.warning("no tokens yet: make an admin one with: {}", FIRST_TOKEN_COMMAND)
         app.state.revocations = Revocations()
         await app.state.revocations.refresh()
         app.state.stream_gate = StreamGate(app.state.revocations, settings.streams_per_subject)
@@ -240,12 +243,13 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=5,
     )
     with single_process(settings):
+        asyncio.run(prepare_database(settings))  # before uvicorn: a failure is one line, not a traceback
         _Server(config, app).run()
 
 
 async def _mint(settings: Settings, subject: str, scopes: frozenset[str], ttl: timedelta) -> str:
     secret, _ = load_secret(settings)
-    await apply_migrations(settings)
+    await prepare_database(settings)
     await Tortoise.init(config=tortoise_config(settings))
     try:
         minted = await issue_token(TokenCodec(secret, settings.jwt_algorithm), subject, scopes, ttl)
@@ -374,7 +378,7 @@ def run(argv: Sequence[str]) -> int:
             return 0
         configure_logging(settings.json_logs, file=_log_file(settings))
         if args.command == "migrate":
-            asyncio.run(apply_migrations(settings))
+            asyncio.run(prepare_database(settings))
         elif args.command in ("backup", "restore"):
             return _copy(settings, args.command, args.path)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,6 +33,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
 
+    # Kept out of the URL, e.g. as the Docker secret pombo_database_password.
+    database_password: SecretStr | None = None
     jwt_secret: SecretStr | None = None
     jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
     anonymous_scopes: str = ""
@@ -108,7 +111,9 @@ class Settings(BaseSettings):
 
     @property
     def database(self) -> str:
-        return self.database_url or f"sqlite://{self.data_dir / 'pombo.sqlite3'}"
+        if not self.database_url:
+            return f"sqlite://{self.data_dir / 'pombo.sqlite3'}"
+        return _with_password(self.database_url, self.database_password)
 
     @property
     def is_sqlite(self) -> bool:
@@ -165,6 +170,15 @@ def _describe(error: ValidationError) -> str:
         return f"invalid settings: {first['msg'].removeprefix('Value error, ')}"
     message = first["msg"].removeprefix("Value error, ")
     return f"invalid setting {ENV_PREFIX}{str(first['loc'][0]).upper()}: {message}"
+
+
+def _with_password(url: str, password: SecretStr | None) -> str:
+    """The URL with `password` in it, unless it names one itself."""
+    parts = urlsplit(url)
+    if password is None or parts.password is not None or not parts.username:
+        return url
+    secret = quote(password.get_secret_value().strip(), safe="")
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace("@", f":{secret}@", 1)))
 
 
 def tortoise_config(settings: Settings) -> dict[str, Any]:

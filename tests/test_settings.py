@@ -11,13 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
-from conftest import ADMIN, ROOT, SECRET, free_port, unique
+from conftest import ADMIN, PG_ADMIN_URL, ROOT, SECRET, free_port, need_service, unique
+from tortoise.backends.base.config_generator import expand_db_url
 
-from settings import SettingsError, load_settings
+from main import FIRST_TOKEN_COMMAND
+from settings import Settings, SettingsError, load_settings, tortoise_config
 
 PG_URL = "postgres://postgres@127.0.0.1:5432/pombo_never_created"
+UNREACHABLE = f"postgres://postgres@127.0.0.1:{free_port()}/pombo"  # nothing listens there
 SHORT_SECRET = "tooshort-s3cr3t"
 HANG_LIMIT = 4  # seconds alive without using any CPU: a hung start, however busy the machine
 
@@ -44,6 +48,7 @@ BAD_STARTS: dict[str, tuple[dict[str, str], str]] = {
     "unknown-database": ({"POMBO_DATABASE_URL": "mysql://x"}, "POMBO_DATABASE_URL"),
     "short-secret": ({"POMBO_JWT_SECRET": SHORT_SECRET}, "POMBO_JWT_SECRET"),
     "postgres-without-secret": ({"POMBO_DATABASE_URL": PG_URL, "POMBO_JWT_SECRET": ""}, "POMBO_JWT_SECRET"),
+    "postgres-unreachable": ({"POMBO_DATABASE_URL": UNREACHABLE}, "POMBO_DATABASE_URL"),
     "unknown-environment": ({"POMBO_ENVIRONMENT": "staging"}, "POMBO_ENVIRONMENT"),
     "unsafe-algorithm": ({"POMBO_JWT_ALGORITHM": "none"}, "POMBO_JWT_ALGORITHM"),
     "bad-anonymous-scope": ({"POMBO_ANONYMOUS_SCOPES": "read:*"}, "POMBO_ANONYMOUS_SCOPES"),
@@ -239,3 +244,35 @@ async def test_a_second_server_on_the_same_sqlite_dir_refuses_to_start(make_serv
     async with httpx.AsyncClient(base_url=second.url, headers=ADMIN, timeout=10) as http:
         listed = await http.get(f"/api/v1/queues/{queue}/messages")
         assert [m["body"] for m in listed.json()["items"]] == ["still here"]
+
+
+def test_the_database_password_may_come_from_a_docker_secret(tmp_path: Path) -> None:
+    (tmp_path / "pombo_database_password").write_text("p@ss/w:rd\n")
+    settings = Settings(
+        _secrets_dir=tmp_path, database_url="postgres://pombo@db:5432/pombo", jwt_secret=SECRET
+    )
+    credentials = expand_db_url(tortoise_config(settings)["connections"]["default"])["credentials"]
+    assert (credentials["user"], credentials["password"], credentials["host"]) == ("pombo", "p@ss/w:rd", "db")
+    given = Settings(
+        database_url="postgres://pombo:own@db/pombo", database_password="other", jwt_secret=SECRET
+    )
+    assert given.database == "postgres://pombo:own@db/pombo"  # a password in the URL wins
+
+
+async def test_a_first_start_on_postgres_creates_its_database_and_says_how_to_get_a_token(
+    make_server: Any,
+) -> None:
+    need_service("PostgreSQL", 5432)
+    name = f"pombo_created_{unique('db').replace('-', '_')}"
+    server = make_server(database_url=PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}")
+    try:
+        server.start()
+        async with server.client() as http:
+            assert (await http.post("/api/v1/queues/first/messages", content="hello")).status_code == 201
+        assert f"created the database {name}" in server.log()
+        assert f"no tokens yet: make an admin one with: {FIRST_TOKEN_COMMAND}" in server.log()
+    finally:
+        server.stop()
+        admin = await asyncpg.connect(PG_ADMIN_URL)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
