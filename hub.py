@@ -18,8 +18,9 @@ from auth import Principal
 from broker import Broker
 from count_cache import CountCache
 from errors import conflict, not_found, validation_error
+from log_pages import read_page
 from models import Event, EventLog, Message, MessageStatus, NewMessage, Priority, Queue, new_id, utcnow
-from schemas import Draft, MessageOut, QueueCreate, QueueOut, QueueUpdate, Update, utc_text
+from schemas import Draft, MessageOut, QueueCreate, QueueOut, QueueUpdate, Update
 from settings import Settings
 from writer import Tx, Writer
 
@@ -213,11 +214,7 @@ class Hub:
         return queue
 
     async def read_log(self, log: str, after: int, limit: int, upto: int | None = None) -> list[Update]:
-        query = Event.filter(log=log, seq__gt=after)
-        if upto is not None:
-            query = query.filter(seq__lte=upto)
-        rows = await query.order_by("seq").limit(limit)
-        return [Update(e.log, e.seq, e.type, e.data, utc_text(e.at)) for e in rows]
+        return await read_page(log, after, limit, upto)
 
     async def count_log(self, log: str, after: int) -> int:
         return await Event.filter(log=log, seq__gt=after).count()
