@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from loguru import logger
 from redis.exceptions import RedisError
 
-from log_pages import read_heads, read_page
+from log_pages import SharedReads, read_heads, read_page
 from schemas import Update
 
 # Batches waiting for Redis; past this, Redis is too far behind and replicas re-read instead.
@@ -150,6 +150,8 @@ class Subscriber:
 
 
 class Broker(Protocol):
+    reads: SharedReads
+
     async def start(self) -> None: ...
     async def close(self) -> None: ...
     async def publish(self, updates: Sequence[Update]) -> None: ...
@@ -185,6 +187,8 @@ class LocalFanout:
         self._clock: asyncio.TimerHandle | None = None
         # Offers not made yet, in delivery order: a crowd is woken WAKE_SLICE at a time.
         self._backlog: deque[tuple[Update, tuple[Subscriber, ...]]] = deque()
+        # How this process's streams read their logs: a crowd catching up shares its reads.
+        self.reads = SharedReads()
 
     def subscribe(self, logs: Iterable[str], capacity: int) -> Subscriber:
         subscriber = Subscriber(frozenset(logs), capacity)

@@ -18,7 +18,7 @@ from auth import Principal
 from broker import Broker
 from count_cache import CountCache
 from errors import conflict, not_found, validation_error
-from log_pages import read_page
+from log_pages import read_head, read_page
 from models import Event, EventLog, Message, MessageStatus, NewMessage, Priority, Queue, new_id, utcnow
 from schemas import Draft, MessageOut, QueueCreate, QueueOut, QueueUpdate, Update
 from settings import Settings
@@ -221,14 +221,7 @@ class Hub:
 
     async def log_head(self, log: str) -> int:
         """The last sequence number the log has given out (0 for a log never written)."""
-        row = await EventLog.filter(name=log).only("name", "last_seq").first()
-        return row.last_seq if row else 0
-
-    async def log_bounds(self, log: str) -> tuple[int, int]:
-        """(oldest retained sequence, head sequence); oldest is head + 1 when none is kept."""
-        head = await self.log_head(log)
-        first = await Event.filter(log=log).order_by("seq").only("id", "seq").first()
-        return (first.seq if first else head + 1), head
+        return await read_head(log)
 
 
 async def _create_queue(tx: Tx, spec: QueueCreate, owner: str) -> Queue:
