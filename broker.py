@@ -487,14 +487,20 @@ class RedisBroker(LocalFanout):
             if self.connected.is_set():
                 return  # back on Redis, which had every stream re-read: what was read may be stale
             if known is None:
-                # Nothing delivered here since the last catch-up: what is missing cannot be told.
-                super().learn_head(log, head)
-                self._catch_up_log(log)
+                self._mark_unknown(log, head)
             else:
                 self.deliver(fresh)
 
-    def _catch_up_log(self, log: str) -> None:
-        for subscriber in self._by_log.get(log, ()):
+    def _mark_unknown(self, log: str, head: int) -> None:
+        """Nothing delivered here since the last catch-up: what is missing cannot be told.
+
+        The log's subscribers re-read it once, and from now on the poller delivers after `head`
+        (set even at 0, or they would re-read every round).
+        """
+        subscribers = self._by_log.get(log, ())
+        if subscribers:
+            self._heads[log] = head
+        for subscriber in subscribers:
             subscriber.catch_up()
 
 

@@ -378,15 +378,20 @@ async def test_the_outage_poller_outlives_a_database_outage_and_says_so_once(
     )
     name = pg_url.rsplit("/", 1)[1]
     try:
-        await db.execute("INSERT INTO event_logs (name, last_seq) VALUES ('queue:a', 0)")
+        await db.execute("INSERT INTO event_logs (name, last_seq) VALUES ('queue:a', 0), ('queue:quiet', 0)")
         await broker.start()
         await asyncio.wait_for(broker.connected.wait(), 5)
         subscriber = broker.subscribe(["queue:a"], capacity=10)
+        quiet = broker.subscribe(["queue:quiet"], capacity=10)
         await append_event(db, "queue:a", 1)
         await broker.publish([update("queue:a", 1)])  # delivered here: the poller knows where it is
         own_redis.stop()
         await append_event(db, "queue:a", 2)
         await inbox_reaches(subscriber, 2, timeout=2)
+        assert quiet.must_catch_up and not subscriber.must_catch_up  # nothing was known of its log
+        quiet.must_catch_up = False
+        await asyncio.sleep(1)
+        assert not quiet.must_catch_up  # told once, not every round
         await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
         await admin.execute(
             f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
