@@ -430,11 +430,22 @@ async def resume_raw(port: int, path: str, cursor: int, last: int) -> bytes:
         transport.close()
 
 
-async def test_a_reconnect_storm_shares_its_catch_up_and_gives_the_memory_back(make_server: Any) -> None:
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+async def test_a_reconnect_storm_shares_its_catch_up_and_gives_the_memory_back(
+    make_server: Any, request: pytest.FixtureRequest, database: str
+) -> None:
     """1,000 streams resume at once from one cursor behind 500 events: one copy, not a thousand."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
-    server = make_server().start()
+    settings = {}
+    if database == "postgres":
+        redis = request.getfixturevalue("redis_url")
+        settings = {
+            "database_url": request.getfixturevalue("pg_url"),
+            "redis_url": redis,
+            "redis_prefix": unique(),
+        }
+    server = make_server(**settings).start()
     assert server.process is not None
     pid = server.process.pid
     async with server.client() as http:
