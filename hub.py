@@ -18,7 +18,7 @@ from auth import Principal
 from broker import Broker
 from count_cache import CountCache
 from errors import conflict, not_found, validation_error
-from log_pages import read_head, read_page
+from log_pages import read_page
 from models import Event, EventLog, Message, MessageStatus, NewMessage, Priority, Queue, new_id, utcnow
 from schemas import Draft, MessageOut, QueueCreate, QueueOut, QueueUpdate, Update
 from settings import Settings
@@ -218,10 +218,6 @@ class Hub:
 
     async def count_log(self, log: str, after: int) -> int:
         return await Event.filter(log=log, seq__gt=after).count()
-
-    async def log_head(self, log: str) -> int:
-        """The last sequence number the log has given out (0 for a log never written)."""
-        return await read_head(log)
 
 
 async def _create_queue(tx: Tx, spec: QueueCreate, owner: str) -> Queue:

@@ -125,6 +125,10 @@ class SharedReads:
         """`read_bounds`, shared."""
         return await self.shared(("bounds", log), partial(read_bounds, log))
 
+    async def head(self, log: str) -> int:
+        """`read_head`, shared."""
+        return await self.shared(("head", log), partial(read_head, log))
+
     async def _read_page(self, key: PageKey) -> Page:
         page = self._in_use.get(key)  # another caller's read may have brought it meanwhile
         if page is None:

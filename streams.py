@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import Principal
-from broker import Subscriber
+from broker import Broker, Subscriber
 from errors import rate_limited
 from hub import Hub, queue_log
 from log_pages import Page
@@ -126,13 +126,12 @@ class StreamGate:
 class LogStream:
     """One client's stream: a single coroutine that writes each frame as it comes."""
 
-    __slots__ = ("_broker", "_gate", "_held", "_hub", "_last", "_send", "_spec", "_subscriber", "request_id")
+    __slots__ = ("_broker", "_gate", "_held", "_last", "_send", "_spec", "_subscriber", "request_id")
     _send: Send
 
-    def __init__(self, hub: Hub, subscriber: Subscriber, spec: StreamSpec, gate: StreamGate) -> None:
-        self._hub = hub
+    def __init__(self, broker: Broker, subscriber: Subscriber, spec: StreamSpec, gate: StreamGate) -> None:
         self._gate = gate
-        self._broker = hub.broker
+        self._broker = broker
         self._subscriber = subscriber
         self._spec = spec
         self._last = 0
@@ -188,7 +187,7 @@ class LogStream:
             # knows the head of a log it delivers, and most browsers open most streams live.
             head = self._broker.known_head(log)
             if head is None:
-                head = await self._hub.log_head(log)
+                head = await self._broker.reads.head(log)
                 self._broker.learn_head(log, head)
             # A commit may have landed since subscribing: what was offered since is still news.
             first = self._subscriber.first_seq
@@ -480,4 +479,4 @@ def open_stream(
         side_frame=side_frame,
     )
     subscriber = hub.broker.subscribe([log], settings.subscriber_buffer)
-    return StreamResponse(LogStream(hub, subscriber, spec, gate))
+    return StreamResponse(LogStream(hub.broker, subscriber, spec, gate))

@@ -114,3 +114,6 @@ async def test_bounds_and_heads_say_what_the_database_holds(database: None) -> N
     assert await read_bounds("queue:a") == (3, 5)
     assert await read_bounds("queue:empty") == (8, 7)  # nothing retained: oldest is head + 1
     assert await read_heads(["queue:a", "queue:empty", "queue:never"]) == {"queue:a": 5, "queue:empty": 7}
+    reads = SharedReads()
+    assert await reads.bounds("queue:a") == (3, 5)
+    assert (await reads.head("queue:a"), await reads.head("queue:never")) == (5, 0)
