@@ -1,4 +1,5 @@
-"""Logs read back from the database: pages of events after a cursor, and the heads of many logs.
+"""Logs read back from the database: pages of events after a cursor, bounds and heads of logs,
+and `SharedReads`, through which a crowd of streams makes each such read once.
 
 Below the broker and the hub alike, so that both read a log the same way: streams replay and
 fill gaps through it, and the broker feeds its subscribers through it while Redis is away.
