@@ -8,6 +8,7 @@ from the database instead of pretending nothing happened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import redis.asyncio as aioredis
 from loguru import logger
 from redis.exceptions import RedisError
 
+from log_pages import SharedReads, read_heads, read_page
 from schemas import Update
 
 # Batches waiting for Redis; past this, Redis is too far behind and replicas re-read instead.
@@ -30,6 +32,10 @@ TICK_SECONDS = 0.25
 GONE = "queue.deleted"
 LIVE_LIMIT = 10_000
 WAKE_SLICE = 100
+# Cut off from Redis, a replica reads the heads of its subscribed logs this often, and at most
+# this many new events of a log per read: the database is the truth, Redis only the fast path.
+POLL_SECONDS = 0.5
+POLL_PAGE = 500
 
 
 class Subscriber:
@@ -144,6 +150,8 @@ class Subscriber:
 
 
 class Broker(Protocol):
+    reads: SharedReads
+
     async def start(self) -> None: ...
     async def close(self) -> None: ...
     async def publish(self, updates: Sequence[Update]) -> None: ...
@@ -179,6 +187,8 @@ class LocalFanout:
         self._clock: asyncio.TimerHandle | None = None
         # Offers not made yet, in delivery order: a crowd is woken WAKE_SLICE at a time.
         self._backlog: deque[tuple[Update, tuple[Subscriber, ...]]] = deque()
+        # How this process's streams read their logs: a crowd catching up shares its reads.
+        self.reads = SharedReads()
 
     def subscribe(self, logs: Iterable[str], capacity: int) -> Subscriber:
         subscriber = Subscriber(frozenset(logs), capacity)
@@ -342,6 +352,7 @@ class RedisBroker(LocalFanout):
         self._tasks: list[asyncio.Task[None]] = []
         self._outbox: asyncio.Queue[str] = asyncio.Queue(maxsize=OUTBOX_LIMIT)
         self._lost_some = False
+        self._poller: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
     async def start(self) -> None:
@@ -349,10 +360,11 @@ class RedisBroker(LocalFanout):
             asyncio.create_task(self._listen(), name="redis-listener"),
             asyncio.create_task(self._send(), name="redis-sender"),
         ]
+        self._poll_while_cut_off()
 
     async def close(self) -> None:
         self.stop_clock()
-        await _cancel(self._tasks)
+        await _cancel([*self._tasks, *([self._poller] if self._poller else [])])
         await self._redis.aclose()
 
     async def publish(self, updates: Sequence[Update]) -> None:
@@ -382,6 +394,12 @@ class RedisBroker(LocalFanout):
     def known_live(self, log: str) -> bool:
         return self.connected.is_set() and super().known_live(log)
 
+    def learn_head(self, log: str, seq: int) -> None:
+        # Cut off, the known heads are what reached the streams here, which is what the poller
+        # reads after; a head from the database may be past events still on their way.
+        if self.connected.is_set():
+            super().learn_head(log, seq)
+
     async def ready(self) -> bool:
         try:
             return bool(await self._redis.ping())
@@ -395,6 +413,7 @@ class RedisBroker(LocalFanout):
                 await self._consume()
             except Exception as error:  # noqa: BLE001 - nothing may end cross-replica delivery for good
                 self.connected.clear()
+                self._poll_while_cut_off()
                 # Redis going away is expected; anything else is a bug, logged with its traceback.
                 lost = isinstance(error, (RedisError, OSError))
                 level, trace = ("WARNING", None) if lost else ("ERROR", error)
@@ -436,6 +455,53 @@ class RedisBroker(LocalFanout):
             self.catch_up_all()
         else:
             self.deliver(updates)
+
+    def _poll_while_cut_off(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll(), name="redis-outage-poller")
+
+    async def _poll(self) -> None:
+        """Until Redis is back, feed the subscribers here from the database every POLL_SECONDS.
+
+        The database may be away too: a failed round is said once, then retried quietly.
+        """
+        failing = False
+        while not self.connected.is_set():
+            try:
+                await self._poll_once()
+            except Exception as error:  # noqa: BLE001 - the next round tries again; nothing else would
+                if not failing:
+                    logger.warning("cannot read the logs while redis is away ({!r}); retrying", error)
+                failing = True
+            else:
+                failing = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.connected.wait(), POLL_SECONDS)
+
+    async def _poll_once(self) -> None:
+        if not self._by_log:
+            return
+        for log, head in (await read_heads(self._by_log.keys())).items():
+            known = self._heads.get(log)
+            fresh = await read_page(log, known, POLL_PAGE) if known is not None and head > known else []
+            if self.connected.is_set():
+                return  # back on Redis, which had every stream re-read: what was read may be stale
+            if known is None:
+                self._mark_unknown(log, head)
+            else:
+                self.deliver(fresh)
+
+    def _mark_unknown(self, log: str, head: int) -> None:
+        """Nothing delivered here since the last catch-up: what is missing cannot be told.
+
+        The log's subscribers re-read it once, and from now on the poller delivers after `head`
+        (set even at 0, or they would re-read every round).
+        """
+        subscribers = self._by_log.get(log, ())
+        if subscribers:
+            self._heads[log] = head
+        for subscriber in subscribers:
+            subscriber.catch_up()
 
 
 async def _cancel(tasks: list[asyncio.Task[None]]) -> None:

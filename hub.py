@@ -18,8 +18,9 @@ from auth import Principal
 from broker import Broker
 from count_cache import CountCache
 from errors import conflict, not_found, validation_error
+from log_pages import read_page
 from models import Event, EventLog, Message, MessageStatus, NewMessage, Priority, Queue, new_id, utcnow
-from schemas import Draft, MessageOut, QueueCreate, QueueOut, QueueUpdate, Update, utc_text
+from schemas import Draft, MessageOut, QueueCreate, QueueOut, QueueUpdate, Update
 from settings import Settings
 from writer import Tx, Writer
 
@@ -213,25 +214,10 @@ class Hub:
         return queue
 
     async def read_log(self, log: str, after: int, limit: int, upto: int | None = None) -> list[Update]:
-        query = Event.filter(log=log, seq__gt=after)
-        if upto is not None:
-            query = query.filter(seq__lte=upto)
-        rows = await query.order_by("seq").limit(limit)
-        return [Update(e.log, e.seq, e.type, e.data, utc_text(e.at)) for e in rows]
+        return await read_page(log, after, limit, upto)
 
     async def count_log(self, log: str, after: int) -> int:
         return await Event.filter(log=log, seq__gt=after).count()
-
-    async def log_head(self, log: str) -> int:
-        """The last sequence number the log has given out (0 for a log never written)."""
-        row = await EventLog.filter(name=log).only("name", "last_seq").first()
-        return row.last_seq if row else 0
-
-    async def log_bounds(self, log: str) -> tuple[int, int]:
-        """(oldest retained sequence, head sequence); oldest is head + 1 when none is kept."""
-        head = await self.log_head(log)
-        first = await Event.filter(log=log).order_by("seq").only("id", "seq").first()
-        return (first.seq if first else head + 1), head
 
 
 async def _create_queue(tx: Tx, spec: QueueCreate, owner: str) -> Queue:

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Container, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any, cast
 
 from loguru import logger
@@ -23,13 +24,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import Principal
-from broker import Subscriber
+from broker import Broker, Subscriber
 from errors import rate_limited
 from hub import Hub, queue_log
+from log_pages import Page
 from schemas import Update
 from settings import Settings
 
 REPLAY_PAGE = 500
+CHUNK_BYTES = 64 * 1024
 DETACHED = "pombo.detached"
 HEARTBEAT = b":\n\n"
 
@@ -41,6 +44,24 @@ def frame(update: Update) -> bytes:
         encoded = f"id: {update.seq}\nevent: {update.type}\ndata: {update.data}\n\n".encode()
         update.frame = encoded
     return encoded
+
+
+def page_chunks(page: Page) -> list[bytes]:
+    """A page's frames joined into writes of about CHUNK_BYTES, once for every stream that sends it.
+
+    A write per frame made a storm of streams catching up spend seconds in socket calls; one
+    write per page would copy what the client has not taken yet into every stream's buffer.
+    """
+    if page.chunks is None:
+        chunks, piece, size = [], [], 0
+        for update in page.updates:
+            piece.append(frame(update))
+            size += len(piece[-1])
+            if size >= CHUNK_BYTES:
+                chunks.append(b"".join(piece))
+                piece, size = [], 0
+        page.chunks = [*chunks, b"".join(piece)] if piece else chunks
+    return page.chunks
 
 
 def control_frame(event: str, data: dict[str, object]) -> bytes:
@@ -105,13 +126,12 @@ class StreamGate:
 class LogStream:
     """One client's stream: a single coroutine that writes each frame as it comes."""
 
-    __slots__ = ("_broker", "_gate", "_held", "_hub", "_last", "_send", "_spec", "_subscriber", "request_id")
+    __slots__ = ("_broker", "_gate", "_held", "_last", "_send", "_spec", "_subscriber", "request_id")
     _send: Send
 
-    def __init__(self, hub: Hub, subscriber: Subscriber, spec: StreamSpec, gate: StreamGate) -> None:
-        self._hub = hub
+    def __init__(self, broker: Broker, subscriber: Subscriber, spec: StreamSpec, gate: StreamGate) -> None:
         self._gate = gate
-        self._broker = hub.broker
+        self._broker = broker
         self._subscriber = subscriber
         self._spec = spec
         self._last = 0
@@ -149,46 +169,65 @@ class LogStream:
     async def _run(self) -> None:
         spec = self._spec
         await self._write(f"retry: {spec.retry_ms}\n\n".encode())
-        reset = await self._position()
+        reset, head = await self._position()
         if reset is not None:
             await self._write(reset)
-        if spec.cursor is not None:  # live only: whatever comes after the head arrives live
-            await self._replay()
+        # Subscribed before the head was read: whatever comes after it arrives live.
+        if spec.cursor is not None:
+            await self._replay(upto=head)
         if spec.side_frame is not None:
             await self._write(await spec.side_frame())
         await self._live()
 
-    async def _position(self) -> bytes | None:
+    async def _position(self) -> tuple[bytes | None, int]:
+        """Where the stream starts, and the head of its log: a `stream.reset` if the cursor did not hold."""
         cursor, log = self._spec.cursor, self._spec.log
         if cursor is None:
             # Subscribed before this read, so nothing after the head can be missed; the broker
             # knows the head of a log it delivers, and most browsers open most streams live.
             head = self._broker.known_head(log)
             if head is None:
-                head = await self._hub.log_head(log)
+                head = await self._broker.reads.head(log)
                 self._broker.learn_head(log, head)
             # A commit may have landed since subscribing: what was offered since is still news.
             first = self._subscriber.first_seq
             self._last = head if first is None else min(head, first - 1)
-            return None
-        oldest, head = await self._hub.log_bounds(log)
+            return None, head
+        oldest, head = await self._broker.reads.bounds(log)
         if oldest - 1 <= cursor <= head:
             self._last = cursor
-            return None
+            return None, head
         # Said out loud, never skipped over: the client learns its cursor did not hold.
         self._last = head if cursor > head else oldest - 1
         reason = "cursor_ahead" if cursor > head else "cursor_expired"
-        return control_frame("stream.reset", {"reason": reason, "oldest_seq": oldest})
+        return control_frame("stream.reset", {"reason": reason, "oldest_seq": oldest}), head
 
     async def _replay(self, upto: int | None = None) -> bool:
         """Send the log after the cursor (up to `upto`) from the database; True if anything was sent."""
-        sent = False
-        while True:
-            batch = await self._hub.read_log(self._spec.log, self._last, REPLAY_PAGE, upto)
-            for update in batch:
+        sent, reads = False, self._broker.reads
+        while upto is None or self._last < upto:
+            # A range that fills a page is read unbounded: one key for every stream resuming
+            # here, whatever head each saw. Either way the page cannot change, so all share it.
+            bound = upto if upto is not None and upto - self._last < REPLAY_PAGE else None
+            page = await reads.page(self._spec.log, self._last, REPLAY_PAGE, bound)
+            sent = await self._send_page(page) or sent
+            if len(page.updates) < REPLAY_PAGE:
+                break
+        return sent
+
+    async def _send_page(self, page: Page) -> bool:
+        """A page in a few large writes shared with every stream replaying it; filtered, frame by frame."""
+        if self._spec.types is not None:
+            sent = False
+            for update in page.updates:
                 sent = await self._advance(update) or sent
-            if len(batch) < REPLAY_PAGE:
-                return sent
+            return sent
+        if not page.updates:
+            return False
+        self._last = page.updates[-1].seq
+        for chunk in page_chunks(page):
+            await self._write(chunk)
+        return True
 
     async def _live(self) -> None:
         subscriber, spec, loop = self._subscriber, self._spec, asyncio.get_running_loop()
@@ -403,12 +442,12 @@ async def live_queue_log(hub: Hub, name: str) -> str:
     """The queue's log, once the queue is known live: from the broker's memory when it can be.
 
     The same answer as `hub.live_queue` (`not_found` otherwise), without its database read for
-    every stream a crowd of browsers opens on one queue.
+    every stream a crowd of browsers opens on one queue: the crowd shares the first reads.
     """
     log, broker = queue_log(name), hub.broker
     if not broker.known_live(log):
         mark = broker.live_mark()
-        await hub.live_queue(name)
+        await broker.reads.shared(("live", log), partial(hub.live_queue, name))
         broker.learn_live(log, mark)
     return log
 
@@ -440,4 +479,4 @@ def open_stream(
         side_frame=side_frame,
     )
     subscriber = hub.broker.subscribe([log], settings.subscriber_buffer)
-    return StreamResponse(LogStream(hub, subscriber, spec, gate))
+    return StreamResponse(LogStream(hub.broker, subscriber, spec, gate))

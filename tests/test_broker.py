@@ -10,12 +10,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
-from conftest import Listener, RedisProcess, Server, unique
+from conftest import PG_ADMIN_URL, Listener, RedisProcess, Server, unique
+from loguru import logger
 from redis.asyncio import Redis
+from tortoise import Tortoise
 
-from broker import GONE, TICK_SECONDS, WAKE_SLICE, Broker, MemoryBroker, RedisBroker, redis_names
+from broker import GONE, TICK_SECONDS, WAKE_SLICE, Broker, MemoryBroker, RedisBroker, Subscriber, redis_names
 from schemas import Update
 
 
@@ -281,3 +284,128 @@ async def test_a_second_process_without_redis_on_one_postgres_is_refused(
         second.start()
     async with first.client() as http:
         assert (await http.get("/readyz")).status_code == 200
+
+
+async def wait_for_log_line(server: Server, text: str, count: int = 1, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while server.log().count(text) < count:
+        assert time.monotonic() < deadline, f"no {text!r} in the log of {server.url}"
+        await asyncio.sleep(0.05)
+
+
+async def claim_lag(publisher: httpx.AsyncClient, claimer: httpx.AsyncClient, queue: str) -> float:
+    """Seconds from a publish on one replica to the end of a waiting claim on the other."""
+    claiming = asyncio.create_task(claimer.post(f"/api/v1/queues/{queue}/claim", json={"wait": 5}))
+    await asyncio.sleep(0.3)  # the claim found nothing and waits; a 2 s re-check would come 1.7 s late
+    assert not claiming.done()
+    sent = time.monotonic()
+    await publish_range(publisher, queue, range(1))
+    response = await claiming
+    assert response.status_code == 200 and len(response.json()["items"]) == 1, response.text
+    return time.monotonic() - sent
+
+
+async def test_a_replica_cut_off_from_redis_feeds_streams_and_claims_from_the_database(
+    make_server: Any, pg_url: str, own_redis: RedisProcess
+) -> None:
+    publisher, streamer = await replicas(make_server, pg_url, own_redis.url)
+    async with publisher.client() as http, streamer.client() as on_streamer:
+        queue, work = unique(), unique()
+        for name in (queue, work):
+            assert (await http.post("/api/v1/queues", json={"name": name})).status_code == 201
+        url = f"{streamer.url}/api/v1/queues/{queue}/stream"
+        async with Listener(url, params={"last_event_id": 0}) as listener:
+            await publish_range(http, queue, range(0, 5))
+            await listener.wait_for(6)
+            own_redis.stop()
+            await wait_for_log_line(streamer, "redis subscription lost")
+            outage_ends = time.monotonic() + 10
+            sent: dict[int, float] = {}
+            claim_lags = []
+            n = 5
+            while time.monotonic() < outage_ends:  # every publish goes to the publisher
+                sent[n] = time.monotonic()
+                await publish_range(http, queue, range(n, n + 1))
+                n += 1
+                if n % 10 == 0:
+                    claim_lags.append(await claim_lag(http, on_streamer, work))
+                await asyncio.sleep(0.25)
+            await listener.wait_for(n + 1, timeout=3)
+            own_redis.start()
+            await wait_for_log_line(streamer, "redis subscription ready", count=2)
+            await publish_range(http, queue, range(n, n + 10))
+            await listener.wait_for(n + 11, timeout=5)
+            await asyncio.sleep(0.5)  # anything doubled would arrive now
+        created = [(at, e) for at, e in listener.events if e.event == "message.created"]
+        arrived = {json.loads(e.data)["body"]: at for at, e in created}
+        lags = [arrived[body] - at for body, at in sent.items() if body in arrived]
+        events = listener.logged()
+    assert [int(e.id) for e in events] == list(range(1, n + 12))
+    bodies = [json.loads(e.data)["body"] for e in events if e.event == "message.created"]
+    assert bodies == list(range(n + 10))
+    assert len(lags) == len(sent) >= 30 and max(lags) < 2.0, sorted(lags)[-5:]
+    assert len(claim_lags) >= 3 and max(claim_lags) < 1.5, claim_lags
+    print(f"outage: stream lag max {max(lags):.2f} s, claim lag max {max(claim_lags):.2f} s")
+
+
+async def append_event(db: asyncpg.Connection, log: str, seq: int) -> None:
+    """As another replica's commit would: the event and its log's head."""
+    await db.execute(
+        "INSERT INTO events (log, seq, type, data, at) VALUES ($1, $2, 'message.created', '{}', now())",
+        log,
+        seq,
+    )
+    await db.execute("UPDATE event_logs SET last_seq = $2 WHERE name = $1", log, seq)
+
+
+async def inbox_reaches(subscriber: Subscriber, seq: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(u.seq == seq for u in subscriber.inbox):
+        assert time.monotonic() < deadline, f"{seq} never came: {[u.seq for u in subscriber.inbox]}"
+        await asyncio.sleep(0.02)
+
+
+async def test_the_outage_poller_outlives_a_database_outage_and_says_so_once(
+    pg_url: str, own_redis: RedisProcess
+) -> None:
+    await Tortoise.init(db_url=pg_url, modules={"pombo": ["models"]})
+    await Tortoise.generate_schemas()
+    broker = RedisBroker(own_redis.url, f"test-{secrets.token_hex(4)}")
+    db, admin = await asyncpg.connect(pg_url), await asyncpg.connect(PG_ADMIN_URL)
+    warnings: list[str] = []
+    sink = logger.add(
+        warnings.append, level="WARNING", filter=lambda r: "cannot read the logs" in r["message"]
+    )
+    name = pg_url.rsplit("/", 1)[1]
+    try:
+        await db.execute("INSERT INTO event_logs (name, last_seq) VALUES ('queue:a', 0), ('queue:quiet', 0)")
+        await broker.start()
+        await asyncio.wait_for(broker.connected.wait(), 5)
+        subscriber = broker.subscribe(["queue:a"], capacity=10)
+        quiet = broker.subscribe(["queue:quiet"], capacity=10)
+        await append_event(db, "queue:a", 1)
+        await broker.publish([update("queue:a", 1)])  # delivered here: the poller knows where it is
+        own_redis.stop()
+        await append_event(db, "queue:a", 2)
+        await inbox_reaches(subscriber, 2, timeout=2)
+        assert quiet.must_catch_up and not subscriber.must_catch_up  # nothing was known of its log
+        quiet.must_catch_up = False
+        await asyncio.sleep(1)
+        assert not quiet.must_catch_up  # told once, not every round
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin.execute(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+        )
+        await asyncio.sleep(2.5)  # five rounds against a database that is gone
+        assert len(warnings) == 1, warnings
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        db = await asyncpg.connect(pg_url)
+        await append_event(db, "queue:a", 3)
+        await inbox_reaches(subscriber, 3, timeout=3)
+        assert len(warnings) == 1, warnings
+    finally:
+        logger.remove(sink)
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await broker.close()
+        await Tortoise.close_connections()
+        await asyncio.gather(db.close(), admin.close(), return_exceptions=True)

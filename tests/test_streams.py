@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import resource
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -386,3 +389,83 @@ async def test_a_subject_holds_so_many_streams_and_a_closed_one_frees_its_place(
             await asyncio.sleep(0.05)
         async with Listener(url, viewer), Listener(url, viewer):  # both places were given back
             pass
+
+
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+class RawStream(asyncio.Protocol):
+    """A lean SSE client for a crowd: keeps what arrives, done once the frame `end` has come."""
+
+    def __init__(self, end: bytes) -> None:
+        self.end, self.received = end, bytearray()
+        self.done = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        seen = len(self.received)
+        self.received += data
+        if self.end in self.received[max(seen - len(self.end), 0) :] and not self.done.done():
+            self.done.set_result(bytes(self.received))
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(AssertionError(f"the stream ended early ({error})"))
+
+
+async def resume_raw(port: int, path: str, cursor: int, last: int) -> bytes:
+    """Resume a stream from `cursor`; everything it sent up to the frame with id `last`."""
+    loop = asyncio.get_running_loop()
+    transport, stream = await loop.create_connection(
+        lambda: RawStream(f"id: {last}\n".encode()), "127.0.0.1", port
+    )
+    request = f"GET {path} HTTP/1.1\r\nHost: pombo\r\n{auth_line()}\r\nLast-Event-ID: {cursor}\r\n\r\n"
+    transport.write(request.encode())
+    try:
+        return await stream.done
+    finally:
+        transport.close()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+async def test_a_reconnect_storm_shares_its_catch_up_and_gives_the_memory_back(
+    make_server: Any, request: pytest.FixtureRequest, database: str
+) -> None:
+    """1,000 streams resume at once from one cursor behind 500 events: one copy, not a thousand."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    settings = {}
+    if database == "postgres":
+        redis = request.getfixturevalue("redis_url")
+        settings = {
+            "database_url": request.getfixturevalue("pg_url"),
+            "redis_url": redis,
+            "redis_prefix": unique(),
+        }
+    server = make_server(**settings).start()
+    assert server.process is not None
+    pid = server.process.pid
+    async with server.client() as http:
+        queue = await create_queue(http)  # its queue.created is the cursor every stream resumes from
+        items = [{"body": {"n": n, "text": "x" * 200}} for n in range(500)]
+        assert (
+            await http.post(f"/api/v1/queues/{queue}/messages/batch", json={"items": items})
+        ).status_code == 201
+        await asyncio.sleep(1)
+        before = rss_kib(pid)
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM from now on is the storm's peak
+        started = time.monotonic()
+        path = f"/api/v1/queues/{queue}/stream"
+        streams = await asyncio.gather(*(resume_raw(server.port, path, 1, 501) for _ in range(1000)))
+        took = time.monotonic() - started
+        peak = rss_kib(pid, "VmHWM") - before
+        await asyncio.sleep(3)  # let the server settle with no stream open
+        after = rss_kib(pid) - before
+    for received in streams:
+        ids = [int(n) for n in re.findall(rb"^id: (\d+)$", received, re.M)]
+        assert ids == list(range(2, 502))
+    print(f"storm: {took:.2f} s, peak +{peak / 1024:.0f} MiB, after +{after / 1024:.0f} MiB")
+    assert took < 5 and peak < 100 * 1024 and after < 40 * 1024, (took, peak, after)
