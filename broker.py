@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
@@ -354,6 +355,7 @@ class RedisBroker(LocalFanout):
         self._lost_some = False
         self._poller: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        self._lost_at: float | None = None  # when the subscription was lost, while it is
 
     async def start(self) -> None:
         self._tasks = [
@@ -384,8 +386,9 @@ class RedisBroker(LocalFanout):
                 await self._redis.publish(self._channel, payload)
             except (RedisError, OSError) as error:
                 # Committed is committed: the other replicas re-read the database once we are back.
+                if not self._lost_some:  # once an episode, not once a batch
+                    logger.warning("redis publish failed ({}); replicas will catch up", error)
                 self._lost_some = True
-                logger.warning("redis publish failed ({}); replicas will catch up", error)
 
     def known_head(self, log: str) -> int | None:
         # Cut off from the other replicas, this process cannot know their last commits.
@@ -414,11 +417,7 @@ class RedisBroker(LocalFanout):
             except Exception as error:  # noqa: BLE001 - nothing may end cross-replica delivery for good
                 self.connected.clear()
                 self._poll_while_cut_off()
-                # Redis going away is expected; anything else is a bug, logged with its traceback.
-                lost = isinstance(error, (RedisError, OSError))
-                level, trace = ("WARNING", None) if lost else ("ERROR", error)
-                lost_text = "redis subscription lost ({}); retrying in {:.1f}s"
-                logger.opt(exception=trace).log(level, lost_text, error, delay)
+                self._report_lost(error)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             else:
@@ -433,12 +432,24 @@ class RedisBroker(LocalFanout):
                 elif message["type"] == "message":
                     self._on_message(message["data"])
 
+    def _report_lost(self, error: Exception) -> None:
+        """Redis going away is one warning an outage; anything else is a bug, with its traceback."""
+        if not isinstance(error, RedisError | OSError):
+            logger.opt(exception=error).error("redis subscription failed ({}); retrying", error)
+        elif self._lost_at is None:
+            self._lost_at = time.monotonic()
+            logger.warning(
+                "redis subscription lost ({}); streams follow the database until it is back", error
+            )
+
     def _on_subscribed(self) -> None:
         # Whatever was published while we were away is in the database: re-read it.
         was_connected = self.connected.is_set()
         self.connected.set()
         if not was_connected:
-            logger.info("redis subscription ready")
+            lost_at, self._lost_at = self._lost_at, None
+            outage = "" if lost_at is None else f" again after {time.monotonic() - lost_at:.1f}s"
+            logger.info("redis subscription ready{}", outage)
             self.catch_up_all()
 
     def _on_message(self, raw: bytes) -> None:

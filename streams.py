@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import Principal
+from availability import unavailable_cause
 from broker import Broker, Subscriber
 from errors import rate_limited
 from hub import Hub, queue_log
@@ -157,7 +158,10 @@ class LogStream:
                 task.uncancel()  # cut by the watchdog: end here, and the connection closes
             logger.bind(request_id=request_id).warning("cut a stream whose client stopped reading")
         except Exception as error:  # noqa: BLE001 - past the middleware: say it here, then close
-            logger.bind(request_id=request_id).opt(exception=error).error("stream failed")
+            if unavailable_cause(error) is None:
+                logger.bind(request_id=request_id).opt(exception=error).error("stream failed")
+            else:  # the client resumes once it is back; the outage is logged once, by Availability
+                logger.bind(request_id=request_id).debug("stream ended: the database is unavailable")
         finally:
             watcher.cancel()
             subscriber.direct = None

@@ -346,6 +346,10 @@ async def test_a_replica_cut_off_from_redis_feeds_streams_and_claims_from_the_da
     assert len(lags) == len(sent) >= 30 and max(lags) < 2.0, sorted(lags)[-5:]
     assert len(claim_lags) >= 3 and max(claim_lags) < 1.5, claim_lags
     print(f"outage: stream lag max {max(lags):.2f} s, claim lag max {max(claim_lags):.2f} s")
+    for server in (publisher, streamer):  # the outage is one warning and one line, not one a retry
+        log = server.log()
+        assert log.count("redis subscription lost") == 1 and "redis subscription ready again after" in log
+        assert log.count("redis publish failed") <= 1
 
 
 async def append_event(db: asyncpg.Connection, log: str, seq: int) -> None:
