@@ -20,6 +20,7 @@ from hub import Hub, Window
 from leases import Leases
 from models import QUEUE_NAME_PATTERN
 from notifications import Notifications
+from schemas import NO_NUL
 from settings import Settings
 from streams import StreamGate, resume_cursor
 from tokens import Revocations, TokenStore
@@ -182,6 +183,9 @@ WindowDep = Annotated[Window, Depends(_window)]
 QueueName = Annotated[
     str, Path(pattern=QUEUE_NAME_PATTERN, description="lowercase letters, digits, `.`, `_`, `-`")
 ]
+# Ids are opaque: one the server never gave out is a 404, but a NUL must not reach the database.
+ResourceId = Annotated[str, Path(pattern=NO_NUL, max_length=64)]
+TypeFilter = Annotated[str | None, Query(pattern=NO_NUL, max_length=64)]
 
 
 Endpoint = Callable[..., Coroutine[Any, Any, Response]]

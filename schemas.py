@@ -37,6 +37,10 @@ JSON = "application/json"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 T = TypeVar("T")
+# PostgreSQL's text cannot hold U+0000 and SQLite's can: so that both take the same requests,
+# every string the API takes refuses it, by this pattern or a stricter one of its own.
+NO_NUL = r"^[^\x00]*$"
+Text = Annotated[str, Field(pattern=NO_NUL)]
 # Times are stored and answered in UTC: SQLite compares them as text, where 03:00-05:00 would
 # come before 07:00Z.
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(lambda value: value.astimezone(UTC))]
@@ -67,7 +71,7 @@ class Strict(BaseModel):
 
 
 class QueueSettings(Strict):
-    description: str = Field(default="", max_length=2000)
+    description: Text = Field(default="", max_length=2000)
     alert_after: int | None = Field(default=None, gt=0, description="tell the owner when a backlog is older")
     dead_letter_urgent: bool = Field(default=False, description="dead-letter notifications are urgent")
     visibility_timeout: float = Field(default=30.0, gt=0, le=12 * 3600)
@@ -82,7 +86,7 @@ class QueueCreate(QueueSettings):
 
 
 class QueueUpdate(Strict):
-    description: str | None = Field(default=None, max_length=2000)
+    description: Text | None = Field(default=None, max_length=2000)
     visibility_timeout: float | None = Field(default=None, gt=0, le=12 * 3600)
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
     backoff_base: float | None = Field(default=None, ge=0, le=3600)
@@ -133,7 +137,8 @@ class QueueOut(QueueSettings):
 # variable name and neither may hold a NUL, or the command cannot be started at all.
 HEADER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 HeaderName = Annotated[str, Field(pattern=HEADER_NAME_PATTERN)]
-HeaderValue = Annotated[str, Field(max_length=4096, pattern=r"^[^\x00]*$")]
+HeaderValue = Annotated[Text, Field(max_length=4096)]
+IdempotencyKey = Annotated[Text, Field(min_length=1, max_length=255)]
 
 
 class PublishIn(Strict):
@@ -143,7 +148,7 @@ class PublishIn(Strict):
     delay: float | None = Field(default=None, ge=0, le=365 * 86400)
     not_before: UtcDatetime | None = None
     headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict, max_length=64)
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    idempotency_key: IdempotencyKey | None = None
 
 
 @dataclass
@@ -251,12 +256,15 @@ class ClaimIn(Strict):
     wait: float = Field(default=0, ge=0, le=20, description="long-poll up to this many seconds")
 
 
+Id = Annotated[Text, Field(min_length=1, max_length=64)]
+
+
 class LeaseIn(Strict):
-    lease_id: str = Field(min_length=1, max_length=64)
+    lease_id: Id
 
 
 class NackIn(LeaseIn):
-    error: str | None = Field(default=None, max_length=10_000)
+    error: Text | None = Field(default=None, max_length=10_000)
     delay: float | None = Field(default=None, ge=0, le=7 * 86400, description="overrides the backoff")
 
 
@@ -265,7 +273,7 @@ class ExtendIn(LeaseIn):
 
 
 class AckItem(LeaseIn):
-    id: str = Field(min_length=1, max_length=64)
+    id: Id
 
 
 class AckBatchIn(Strict):
@@ -273,7 +281,7 @@ class AckBatchIn(Strict):
 
 
 class RedriveIn(Strict):
-    ids: list[str] | None = Field(default=None, max_length=1000, description="default: every dead message")
+    ids: list[Id] | None = Field(default=None, max_length=1000, description="default: every dead message")
 
 
 class Items(BaseModel, Generic[T]):
@@ -283,20 +291,20 @@ class Items(BaseModel, Generic[T]):
 NotificationPriorityName = Literal["low", "medium", "high", "urgent"]
 # A relative path or an http(s) URL: never `javascript:` in a link a person clicks.
 # `//host` and `/\\host` are other hosts to a browser, so a relative path must not start so.
-ACTION_URL_PATTERN = r"^(/([^/\\\s]\S*)?|(?i:https?)://\S+)$"
-Subject = Annotated[str, Field(min_length=1, max_length=255)]
+ACTION_URL_PATTERN = r"^(/([^/\\\s\x00][^\s\x00]*)?|(?i:https?)://[^\s\x00]+)$"
+Subject = Annotated[Text, Field(min_length=1, max_length=255)]
 
 
 class NotificationCreate(Strict):
     recipients: list[Subject] = Field(min_length=1, max_length=1000)
     type: str = Field(pattern=TYPE_PATTERN)
     priority: NotificationPriorityName = "medium"
-    title: str = Field(min_length=1, max_length=200)
-    message: str = Field(default="", max_length=10_000)
+    title: Text = Field(min_length=1, max_length=200)
+    message: Text = Field(default="", max_length=10_000)
     action_url: str | None = Field(default=None, max_length=2000, pattern=ACTION_URL_PATTERN)
     expires_at: UtcDatetime | None = None
     queue: str | None = Field(default=None, pattern=QUEUE_NAME_PATTERN)
-    message_id: str | None = Field(default=None, max_length=36)
+    message_id: Text | None = Field(default=None, max_length=36)
 
 
 class NotificationPatch(Strict):
@@ -376,9 +384,9 @@ class NotificationPage(Page[NotificationOut]):
 
 
 class TokenIn(Strict):
-    sub: str = Field(min_length=1, max_length=255, description="who the token speaks for")
-    scope: str = Field(default="", max_length=2000, description='space-separated, e.g. "publish:builds.*"')
-    ttl: str = Field(default="30d", max_length=20, description="3600, 30m, 12h, 30d")
+    sub: Subject = Field(description="who the token speaks for")
+    scope: Text = Field(default="", max_length=2000, description='space-separated, e.g. "publish:builds.*"')
+    ttl: Text = Field(default="30d", max_length=20, description="3600, 30m, 12h, 30d")
 
 
 class TokenOut(BaseModel):
