@@ -41,6 +41,10 @@ T = TypeVar("T")
 # every string the API takes refuses it, by this pattern or a stricter one of its own.
 NO_NUL = r"^[^\x00]*$"
 Text = Annotated[str, Field(pattern=NO_NUL)]
+# The largest integers both databases store: `IntField` is 32-bit on PostgreSQL, the rest 64-bit.
+# In seconds INT32_MAX is 68 years, and now ± that is still a date Python computes with.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 # Times are stored and answered in UTC: SQLite compares them as text, where 03:00-05:00 would
 # come before 07:00Z.
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(lambda value: value.astimezone(UTC))]
@@ -72,13 +76,15 @@ class Strict(BaseModel):
 
 class QueueSettings(Strict):
     description: Text = Field(default="", max_length=2000)
-    alert_after: int | None = Field(default=None, gt=0, description="tell the owner when a backlog is older")
+    alert_after: int | None = Field(
+        default=None, gt=0, le=INT32_MAX, description="tell the owner when a backlog is older"
+    )
     dead_letter_urgent: bool = Field(default=False, description="dead-letter notifications are urgent")
     visibility_timeout: float = Field(default=30.0, gt=0, le=12 * 3600)
     max_attempts: int = Field(default=5, ge=1, le=1000)
     backoff_base: float = Field(default=1.0, ge=0, le=3600)
     backoff_max: float = Field(default=300.0, ge=0, le=7 * 86400)
-    retention_seconds: int = Field(default=14 * 86400, ge=0)
+    retention_seconds: int = Field(default=14 * 86400, ge=0, le=INT32_MAX, description="0 keeps them forever")
 
 
 class QueueCreate(QueueSettings):
@@ -91,8 +97,8 @@ class QueueUpdate(Strict):
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
     backoff_base: float | None = Field(default=None, ge=0, le=3600)
     backoff_max: float | None = Field(default=None, ge=0, le=7 * 86400)
-    retention_seconds: int | None = Field(default=None, ge=0)
-    alert_after: int | None = Field(default=None, gt=0)  # null turns the alert off
+    retention_seconds: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    alert_after: int | None = Field(default=None, gt=0, le=INT32_MAX)  # null turns the alert off
     dead_letter_urgent: bool | None = None
 
     @field_validator("*", mode="before")

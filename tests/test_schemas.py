@@ -1,9 +1,11 @@
 """The API's shapes: MessageOut's fast JSON path says exactly what the model says; every string
-refuses NUL, on both databases."""
+refuses NUL and every integer is bounded, on both databases."""
 
 from __future__ import annotations
 
+import re
 import secrets
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -61,11 +63,12 @@ def test_json_of_is_the_models_json(row: NewMessage, deleted_at: datetime | None
     )
 
 
-# NUL, on a real server --------------------------------------------------------------------------
-# PostgreSQL's text refuses U+0000 and SQLite's keeps it: every string the API takes refuses it,
-# on both databases alike.
+# NUL and integer bounds, on a real server --------------------------------------------------------
+# PostgreSQL's text refuses U+0000, SQLite's keeps it, and both refuse integers past their columns:
+# every string the API takes refuses NUL and every integer has a maximum, on both databases alike.
 
 NUL = "a\x00b"
+INT64_MAX = 2**63 - 1  # what a BIGINT holds, on both databases
 Q = "nul-checks"  # a queue the checks name; validation comes before any lookup
 M = f"/api/v1/queues/{Q}/messages"
 N = "/api/v1/notifications"
@@ -137,3 +140,55 @@ async def test_a_json_body_keeps_nul_as_published(client: httpx.AsyncClient) -> 
     assert published.status_code == 201, published.text
     read = await client.get(f"/api/v1/queues/{name}/messages/{published.json()['id']}")
     assert read.json()["body"] == body
+
+
+async def test_every_string_refuses_nul_and_every_integer_is_bounded(client: httpx.AsyncClient) -> None:
+    """Read from the OpenAPI document, so that a field or parameter added later is checked too."""
+    document = (await client.get("/openapi.json")).json()
+    found = [
+        f"{where}: {problem}" for where, schema in _request_schemas(document) for problem in _loose(schema)
+    ]
+    assert found == []
+
+
+# A credential that is not one we signed is refused with 401; Last-Event-ID is checked by
+# deps.stream_cursor, and a stream's `types` only filter in memory.
+_NOT_STORED = {"access_token", "Last-Event-ID", "types"}
+Schema = dict[str, Any]
+
+
+def _request_schemas(document: Schema) -> Iterator[tuple[str, Schema]]:
+    components = document["components"]["schemas"]
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            where = f"{method.upper()} {path}"
+            for parameter in operation.get("parameters", []):
+                if parameter["name"] not in _NOT_STORED:
+                    yield from _walk(f"{where} {parameter['name']}", parameter["schema"], components)
+            for media, content in operation.get("requestBody", {}).get("content", {}).items():
+                yield from _walk(f"{where} {media}", content["schema"], components)
+
+
+def _walk(where: str, schema: Schema, components: Schema) -> Iterator[tuple[str, Schema]]:
+    """`schema` and every schema within it, following references."""
+    if "$ref" in schema:
+        schema = components[schema["$ref"].rsplit("/", 1)[-1]]
+    yield where, schema
+    for key, value in schema.get("properties", {}).items():
+        yield from _walk(f"{where}.{key}", value, components)
+    for key in ("items", "additionalProperties", "propertyNames"):
+        if isinstance(schema.get(key), dict):
+            yield from _walk(f"{where}[{key}]", schema[key], components)
+    for option in schema.get("anyOf", []):
+        yield from _walk(where, option, components)
+
+
+def _loose(schema: Schema) -> list[str]:
+    if schema.get("type") == "string" and not {"enum", "const", "format"} & set(schema):
+        pattern = schema.get("pattern")
+        if pattern is None or re.search(pattern, NUL):
+            return [f"a string that takes NUL (pattern {pattern!r})"]
+    # Seconds become datetime arithmetic, which overflows long before a float does.
+    if schema.get("type") in ("integer", "number") and schema.get("maximum", INT64_MAX + 1) > INT64_MAX:
+        return [f"a number up to {schema.get('maximum')}"]
+    return []
