@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import AwareDatetime, BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from deps import (
     CALLER_DOCS,
@@ -35,6 +35,7 @@ from schemas import (
     Page,
     PriorityName,
     PublishIn,
+    UtcDatetime,
     parse_duration,
 )
 
@@ -126,8 +127,8 @@ async def list_messages(
     status: MessageStatus | None = None,
     type: TypeFilter = None,
     priority: PriorityName | None = None,
-    created_after: AwareDatetime | None = None,
-    created_before: AwareDatetime | None = None,
+    created_after: UtcDatetime | None = None,
+    created_before: UtcDatetime | None = None,
     format: Format = "json",
 ) -> Page[MessageOut] | Response:
     principal.require("subscribe", queue)

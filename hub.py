@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from tortoise.functions import Count
@@ -388,9 +388,9 @@ def filtered_messages(query: QuerySet[Message], where: MessageFilter) -> QuerySe
         "status": where.status,
         "type": where.type,
         "priority": where.priority,
-        # SQLite compares stored times as text: bring every bound to UTC first.
-        "created_at__gte": where.created_after and where.created_after.astimezone(UTC),
-        "created_at__lt": where.created_before and where.created_before.astimezone(UTC),
+        # In UTC already (schemas.UtcDatetime): SQLite compares stored times as text.
+        "created_at__gte": where.created_after,
+        "created_at__lt": where.created_before,
     }
     given = {key: value for key, value in conditions.items() if value is not None}
     return query.filter(**given) if given else query

@@ -29,6 +29,7 @@ from models import (
     Priority,
     Queue,
     Token,
+    utcnow,
 )
 
 PriorityName = Literal["low", "normal", "high", "urgent"]
@@ -45,9 +46,18 @@ Text = Annotated[str, Field(pattern=NO_NUL)]
 # In seconds INT32_MAX is 68 years, and now ± that is still a date Python computes with.
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
+
+
+def _in_utc(moment: datetime) -> datetime:
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:00-05:00 is in the year 10000 in UTC
+        raise ValueError("out of range once in UTC") from None
+
+
 # Times are stored and answered in UTC: SQLite compares them as text, where 03:00-05:00 would
 # come before 07:00Z.
-UtcDatetime = Annotated[AwareDatetime, AfterValidator(lambda value: value.astimezone(UTC))]
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
 
 
 def parse_duration(text: str) -> float:
@@ -311,6 +321,14 @@ class NotificationCreate(Strict):
     expires_at: UtcDatetime | None = None
     queue: str | None = Field(default=None, pattern=QUEUE_NAME_PATTERN)
     message_id: Text | None = Field(default=None, max_length=36)
+
+    @field_validator("expires_at")
+    @classmethod
+    def _ahead(cls, value: datetime | None) -> datetime | None:
+        # One already past would be created expired: shown to nobody, then removed by the sweeper.
+        if value is not None and value <= utcnow():
+            raise ValueError("must be in the future")
+        return value
 
 
 class NotificationPatch(Strict):
