@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from deps import (
     CALLER_DOCS,
@@ -196,6 +197,12 @@ def _json_draft(raw: bytes) -> Draft:
         return Draft.from_json(PublishIn.model_validate(_parse_json(raw)))
     except ValidationError as error:
         raise validation_error(field_errors(error.errors())) from None
+    except PydanticSerializationError:
+        raise validation_error({"body": [_NOT_UNICODE]}) from None
+
+
+# JSON's escapes can spell half of a UTF-16 pair ("\ud800"): no text can be stored or sent as that.
+_NOT_UNICODE = "a lone surrogate (such as \\ud800) is not Unicode text"
 
 
 # PostgreSQL's text cannot store it; a JSON string keeps it, escaped in the stored JSON text.
@@ -251,6 +258,9 @@ def _batch_drafts(payload: Any, max_items: int, max_body: int) -> list[Draft]:
             problems[str(index)] = [
                 f"{'.'.join(map(str, e['loc'])) or 'item'}: {e['msg']}" for e in error.errors()
             ]
+            continue
+        except PydanticSerializationError:
+            problems[str(index)] = [f"body: {_NOT_UNICODE}"]
             continue
         # A message published alone could not be this large either.
         if len(drafts[-1].body.encode()) > max_body:
