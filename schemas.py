@@ -14,6 +14,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
+    ValidationError,
     ValidationInfo,
     field_validator,
 )
@@ -329,6 +331,17 @@ class NotificationCreate(Strict):
         if value is not None and value <= utcnow():
             raise ValueError("must be in the future")
         return value
+
+
+_SUBJECT = TypeAdapter(Subject)
+
+
+def token_subject(text: str) -> str:
+    """A token's subject (`--sub`) as the API takes it; ValueError otherwise."""
+    try:
+        return _SUBJECT.validate_python(text)
+    except ValidationError:
+        raise ValueError(f"a token subject is 1 to 255 characters, none of them NUL, not {text!r}") from None
 
 
 class NotificationPatch(Strict):
