@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from deps import CurrentPrincipal, LeasesDep, QueueName
+from deps import CurrentPrincipal, LeasesDep, QueueName, ResourceId
 from leases import Claim, Outcome
 from schemas import (
     AckBatchIn,
@@ -33,7 +33,7 @@ async def claim(
 
 @router.post("/messages/{message_id}/ack")
 async def ack(
-    queue: QueueName, message_id: str, body: LeaseIn, leases: LeasesDep, principal: CurrentPrincipal
+    queue: QueueName, message_id: ResourceId, body: LeaseIn, leases: LeasesDep, principal: CurrentPrincipal
 ) -> MessageOut:
     principal.require("consume", queue)
     [acked] = await leases.ack(queue, [Outcome(message_id, body.lease_id)])
@@ -51,7 +51,7 @@ async def ack_many(
 
 @router.post("/messages/{message_id}/nack")
 async def nack(
-    queue: QueueName, message_id: str, body: NackIn, leases: LeasesDep, principal: CurrentPrincipal
+    queue: QueueName, message_id: ResourceId, body: NackIn, leases: LeasesDep, principal: CurrentPrincipal
 ) -> MessageOut:
     """Back to pending after the backoff (or `delay`); dead after the last attempt."""
     principal.require("consume", queue)
@@ -60,7 +60,7 @@ async def nack(
 
 @router.post("/messages/{message_id}/extend")
 async def extend(
-    queue: QueueName, message_id: str, body: ExtendIn, leases: LeasesDep, principal: CurrentPrincipal
+    queue: QueueName, message_id: ResourceId, body: ExtendIn, leases: LeasesDep, principal: CurrentPrincipal
 ) -> MessageOut:
     principal.require("consume", queue)
     return await leases.extend(queue, Outcome(message_id, body.lease_id), body.visibility_timeout)

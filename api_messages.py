@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Request, Response
-from pydantic import AwareDatetime, BaseModel, ValidationError
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from deps import (
     CALLER_DOCS,
     CurrentPrincipal,
     HubDep,
     QueueName,
+    ResourceId,
     SettingsDep,
+    TypeFilter,
     WindowDep,
     caller,
     direct,
@@ -24,7 +27,18 @@ from errors import bad_request, field_errors, too_large, validation_error
 from exports import DOWNLOADS, Format, message_export, respond
 from hub import MessageFilter
 from models import MessageStatus, Priority
-from schemas import JSON, Draft, MessageOut, Page, PriorityName, PublishIn, parse_duration
+from schemas import (
+    JSON,
+    NO_NUL,
+    Draft,
+    IdempotencyKey,
+    MessageOut,
+    Page,
+    PriorityName,
+    PublishIn,
+    UtcDatetime,
+    parse_duration,
+)
 
 router = APIRouter(prefix="/api/v1/queues/{queue}/messages", tags=["messages"])
 
@@ -33,13 +47,13 @@ _PUBLISH_DOCS = {
         "required": True,
         "content": {
             JSON: {"schema": PublishIn.model_json_schema()},
-            "text/plain": {"schema": {"type": "string"}, "example": "backup done"},
+            "text/plain": {"schema": {"type": "string", "pattern": NO_NUL}, "example": "backup done"},
         },
     },
     "security": CALLER_DOCS["security"],
     "parameters": [
         *CALLER_DOCS["parameters"],
-        {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "maxLength": 255}},
+        {"name": "Idempotency-Key", "in": "header", "schema": TypeAdapter(IdempotencyKey).json_schema()},
     ],
 }
 
@@ -112,10 +126,10 @@ async def list_messages(
     principal: CurrentPrincipal,
     window: WindowDep,
     status: MessageStatus | None = None,
-    type: Annotated[str | None, Query(max_length=64)] = None,
+    type: TypeFilter = None,
     priority: PriorityName | None = None,
-    created_after: AwareDatetime | None = None,
-    created_before: AwareDatetime | None = None,
+    created_after: UtcDatetime | None = None,
+    created_before: UtcDatetime | None = None,
     format: Format = "json",
 ) -> Page[MessageOut] | Response:
     principal.require("subscribe", queue)
@@ -131,7 +145,7 @@ async def list_messages(
 
 @router.get("/{message_id}")
 async def get_message(
-    queue: QueueName, message_id: str, hub: HubDep, principal: CurrentPrincipal
+    queue: QueueName, message_id: ResourceId, hub: HubDep, principal: CurrentPrincipal
 ) -> MessageOut:
     principal.require("subscribe", queue)
     return await hub.get_message(queue, message_id)
@@ -139,7 +153,7 @@ async def get_message(
 
 @router.delete("/{message_id}")
 async def delete_message(
-    queue: QueueName, message_id: str, hub: HubDep, principal: CurrentPrincipal
+    queue: QueueName, message_id: ResourceId, hub: HubDep, principal: CurrentPrincipal
 ) -> MessageOut:
     principal.require("manage", queue)
     return await hub.delete_message(queue, message_id)
@@ -183,6 +197,16 @@ def _json_draft(raw: bytes) -> Draft:
         return Draft.from_json(PublishIn.model_validate(_parse_json(raw)))
     except ValidationError as error:
         raise validation_error(field_errors(error.errors())) from None
+    except PydanticSerializationError:
+        raise validation_error({"body": [_NOT_UNICODE]}) from None
+
+
+# JSON's escapes can spell half of a UTF-16 pair ("\ud800"): no text can be stored or sent as that.
+_NOT_UNICODE = "a lone surrogate (such as \\ud800) is not Unicode text"
+
+
+# PostgreSQL's text cannot store it; a JSON string keeps it, escaped in the stored JSON text.
+_TEXT_NUL = 'a text body cannot hold NUL (U+0000); a JSON body can, as "\\u0000"'
 
 
 def _text_draft(raw: bytes, request: Request) -> Draft:
@@ -190,6 +214,8 @@ def _text_draft(raw: bytes, request: Request) -> Draft:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise bad_request("invalid_utf8", "a text body must be UTF-8") from None
+    if "\x00" in text:  # refused as in every other string (NO_NUL)
+        raise validation_error({"body": [_TEXT_NUL]})
     headers = request.headers
     meta: dict[str, Any] = {
         "body": text,
@@ -233,6 +259,9 @@ def _batch_drafts(payload: Any, max_items: int, max_body: int) -> list[Draft]:
                 f"{'.'.join(map(str, e['loc'])) or 'item'}: {e['msg']}" for e in error.errors()
             ]
             continue
+        except PydanticSerializationError:
+            problems[str(index)] = [f"body: {_NOT_UNICODE}"]
+            continue
         # A message published alone could not be this large either.
         if len(drafts[-1].body.encode()) > max_body:
             problems[str(index)] = [f"body: more than {max_body} bytes"]
@@ -241,8 +270,12 @@ def _batch_drafts(payload: Any, max_items: int, max_body: int) -> list[Draft]:
     return drafts
 
 
+_IDEMPOTENCY_KEY = TypeAdapter(IdempotencyKey)
+
+
 def _idempotency_key(request: Request) -> str | None:
     key = request.headers.get("idempotency-key")
-    if key is not None and len(key) > 255:
-        raise validation_error({"header.idempotency-key": ["String should have at most 255 characters"]})
-    return key
+    try:
+        return None if key is None else _IDEMPOTENCY_KEY.validate_python(key)
+    except ValidationError as error:
+        raise validation_error({"header.idempotency-key": [e["msg"] for e in error.errors()]}) from None

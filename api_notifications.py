@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from deps import (
     STREAM_DOCS,
     CurrentPrincipal,
     NotificationsDep,
+    ResourceId,
     SettingsDep,
+    TypeFilter,
     WindowDep,
     caller,
     direct,
@@ -47,7 +47,7 @@ async def list_notifications(
     window: WindowDep,
     unread_only: bool = False,
     priority: NotificationPriorityName | None = None,
-    type: Annotated[str | None, Query(max_length=64)] = None,
+    type: TypeFilter = None,
     format: Format = "json",
 ) -> NotificationPage | Response:
     """The caller's own notifications, newest first (`format=csv|xlsx` downloads them all)."""
@@ -110,7 +110,7 @@ async def stream_notifications(request: Request) -> StreamResponse:
 
 @router.patch("/{notification_id}")
 async def mark(
-    notification_id: str,
+    notification_id: ResourceId,
     patch: NotificationPatch,
     notifications: NotificationsDep,
     principal: CurrentPrincipal,
@@ -120,6 +120,6 @@ async def mark(
 
 @router.delete("/{notification_id}")
 async def delete(
-    notification_id: str, notifications: NotificationsDep, principal: CurrentPrincipal
+    notification_id: ResourceId, notifications: NotificationsDep, principal: CurrentPrincipal
 ) -> NotificationOut:
     return await notifications.delete(principal.subject, notification_id)

@@ -23,7 +23,7 @@ from deps import (
 )
 from exports import DOWNLOADS, Format, event_export, respond
 from hub import queue_log
-from schemas import EventOut, Page, QueueCreate, QueueOut, QueueUpdate
+from schemas import INT64_MAX, EventOut, Page, QueueCreate, QueueOut, QueueUpdate
 from streams import StreamResponse, documented_as_sse, live_queue_log, open_stream
 
 router = APIRouter(prefix="/api/v1/queues", tags=["queues"])
@@ -77,7 +77,7 @@ async def list_events(
     hub: HubDep,
     settings: SettingsDep,
     principal: CurrentPrincipal,
-    after: Annotated[int, Query(ge=0, description="the last sequence number you have")] = 0,
+    after: Annotated[int, Query(ge=0, le=INT64_MAX, description="the last sequence number you have")] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     format: Format = "json",
 ) -> Page[EventOut] | Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from auth import parse_scopes
-from deps import CurrentPrincipal, TokensDep, WindowDep
+from deps import CurrentPrincipal, ResourceId, TokensDep, WindowDep
 from errors import validation_error
 from schemas import MintedTokenOut, Page, TokenIn, TokenOut, token_lifetime
 
@@ -40,7 +40,7 @@ async def list_tokens(tokens: TokensDep, principal: CurrentPrincipal, window: Wi
 
 
 @router.delete("/{token_id}")
-async def revoke_token(token_id: str, tokens: TokensDep, principal: CurrentPrincipal) -> TokenOut:
+async def revoke_token(token_id: ResourceId, tokens: TokensDep, principal: CurrentPrincipal) -> TokenOut:
     """From now on this token is refused (on other replicas within a sweep, about a second)."""
     principal.require_scope("admin")
     return await tokens.revoke(token_id)

@@ -20,6 +20,7 @@ from hub import Hub, Window
 from leases import Leases
 from models import QUEUE_NAME_PATTERN
 from notifications import Notifications
+from schemas import INT64_MAX, NO_NUL
 from settings import Settings
 from streams import StreamGate, resume_cursor
 from tokens import Revocations, TokenStore
@@ -121,9 +122,21 @@ async def _tokens(request: Request) -> TokenStore:
 def stream_cursor(request: Request) -> int | None:
     """Where a stream resumes: `Last-Event-ID`, as EventSource sends it, else `last_event_id`."""
     given = request.query_params.get("last_event_id")
-    if given is not None and not (given.isascii() and given.isdigit()):  # "²" is a digit int() refuses
-        raise validation_error({"query.last_event_id": ["a whole number, 0 or more"]})
-    return resume_cursor(request.headers.get("last-event-id"), int(given) if given else None)
+    if given is not None and not _is_sequence(given):
+        raise validation_error({"query.last_event_id": [_SEQUENCE]})
+    header = request.headers.get("last-event-id")
+    digits = (header or "").strip()
+    if digits.isascii() and digits.isdigit() and not _is_sequence(digits):  # else resume_cursor ignores it
+        raise validation_error({"header.Last-Event-ID": [_SEQUENCE]})
+    return resume_cursor(header, int(given) if given else None)
+
+
+_SEQUENCE = f"a whole number from 0 to {INT64_MAX}"
+
+
+def _is_sequence(text: str) -> bool:
+    # "²" is a digit int() refuses, and int() refuses more than 4,300 digits.
+    return text.isascii() and text.isdigit() and len(text) <= len(str(INT64_MAX)) and int(text) <= INT64_MAX
 
 
 # What the `CurrentPrincipal` dependency adds to a route's OpenAPI, for a route calling caller().
@@ -150,7 +163,7 @@ STREAM_DOCS: dict[str, Any] = {
             "name": "last_event_id",
             "in": "query",
             "required": False,
-            "schema": {"type": "integer", "minimum": 0},
+            "schema": {"type": "integer", "minimum": 0, "maximum": INT64_MAX},
             "description": "resume after this sequence",
         },
         {
@@ -182,6 +195,9 @@ WindowDep = Annotated[Window, Depends(_window)]
 QueueName = Annotated[
     str, Path(pattern=QUEUE_NAME_PATTERN, description="lowercase letters, digits, `.`, `_`, `-`")
 ]
+# Ids are opaque: one the server never gave out is a 404, but a NUL must not reach the database.
+ResourceId = Annotated[str, Path(pattern=NO_NUL, max_length=64)]
+TypeFilter = Annotated[str | None, Query(pattern=NO_NUL, max_length=64)]
 
 
 Endpoint = Callable[..., Coroutine[Any, Any, Response]]

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from tortoise.functions import Count
@@ -18,6 +19,7 @@ from auth import Principal
 from broker import Broker
 from count_cache import CountCache
 from errors import conflict, not_found, validation_error
+from isolation import Failures, isolated
 from log_pages import read_page
 from models import Event, EventLog, Message, MessageStatus, NewMessage, Priority, Queue, new_id, utcnow
 from schemas import Draft, MessageOut, QueueCreate, QueueOut, QueueUpdate, Update
@@ -57,6 +59,7 @@ class Hub:
         self.writer = writer
         self.broker = broker
         self.counts = counts
+        self._expiry_failures = Failures()
 
     # Queues ------------------------------------------------------------------------------
 
@@ -179,15 +182,10 @@ class Hub:
         """Remove messages older than their queue's retention (zero keeps them forever)."""
 
         async def expire(tx: Tx) -> int:
-            removed = 0
+            removed, failures = 0, self._expiry_failures
             for queue in await Queue.filter(retention_seconds__gt=0).using_db(tx.conn):
-                cutoff = tx.now - timedelta(seconds=queue.retention_seconds)
-                query = Message.filter(queue_id=queue.id, created_at__lt=cutoff).using_db(tx.conn)
-                old = await query.order_by("created_at").limit(limit - removed)
-                await Message.filter(id__in=[m.id for m in old]).using_db(tx.conn).delete()
-                for message in old:
-                    emit_message(tx, message, queue.name, "message.expired", deleted=True)
-                removed += len(old)
+                part = partial(_expire_in, tx, queue, limit - removed)
+                removed += await isolated(tx, failures, f"retention in queue {queue.name!r}", part) or 0
                 if removed >= limit:
                     break
             return removed
@@ -218,6 +216,16 @@ class Hub:
 
     async def count_log(self, log: str, after: int) -> int:
         return await Event.filter(log=log, seq__gt=after).count()
+
+
+async def _expire_in(tx: Tx, queue: Queue, limit: int) -> int:
+    cutoff = tx.now - timedelta(seconds=queue.retention_seconds)
+    query = Message.filter(queue_id=queue.id, created_at__lt=cutoff).using_db(tx.conn)
+    old = await query.order_by("created_at").limit(limit)
+    await Message.filter(id__in=[m.id for m in old]).using_db(tx.conn).delete()
+    for message in old:
+        emit_message(tx, message, queue.name, "message.expired", deleted=True)
+    return len(old)
 
 
 async def _create_queue(tx: Tx, spec: QueueCreate, owner: str) -> Queue:
@@ -374,9 +382,9 @@ def filtered_messages(query: QuerySet[Message], where: MessageFilter) -> QuerySe
         "status": where.status,
         "type": where.type,
         "priority": where.priority,
-        # SQLite compares stored times as text: bring every bound to UTC first.
-        "created_at__gte": where.created_after and where.created_after.astimezone(UTC),
-        "created_at__lt": where.created_before and where.created_before.astimezone(UTC),
+        # In UTC already (schemas.UtcDatetime): SQLite compares stored times as text.
+        "created_at__gte": where.created_after,
+        "created_at__lt": where.created_before,
     }
     given = {key: value for key, value in conditions.items() if value is not None}
     return query.filter(**given) if given else query

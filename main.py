@@ -65,7 +65,7 @@ from leases import Leases
 from models import Token
 from notifications import Notifications
 from observability import LogFile, RequestContext, configure_logging
-from schemas import token_lifetime
+from schemas import token_lifetime, token_subject
 from settings import ClientSettings, Settings, SettingsError, load_settings, tortoise_config
 from streams import DirectSend, StreamGate
 from sweeper import Sweeper
@@ -374,7 +374,7 @@ def run(argv: Sequence[str]) -> int:
         if args.command == "token":
             configure_logging(settings.json_logs, level="WARNING")
             scopes, ttl = parse_scopes(args.scope), token_lifetime(args.ttl)
-            print(asyncio.run(_mint(settings, args.sub, scopes, ttl)))
+            print(asyncio.run(_mint(settings, token_subject(args.sub), scopes, ttl)))
             return 0
         configure_logging(settings.json_logs, file=_log_file(settings))
         if args.command == "migrate":

@@ -12,10 +12,11 @@ from datetime import datetime, timedelta
 from functools import partial
 
 from tortoise.expressions import Q
-from tortoise.functions import Count
+from tortoise.functions import Count, Min
 from tortoise.queryset import QuerySet
 
 from errors import not_found
+from isolation import Failures, isolated
 from models import Message, MessageStatus, Notification, NotificationPriority, Queue, new_id, utcnow
 from schemas import NotificationCreate, NotificationOut, NotificationStats
 from writer import Tx, Writer
@@ -48,6 +49,7 @@ class Alert:
 class Notifications:
     def __init__(self, writer: Writer) -> None:
         self.writer = writer
+        self._backlog_failures = Failures()
 
     async def create(self, spec: NotificationCreate) -> list[NotificationOut]:
         alert = Alert(
@@ -96,7 +98,7 @@ class Notifications:
 
     async def check_backlogs(self) -> int:
         """Tell owners about backlogs older than their queue's `alert_after`, once per episode."""
-        return await self.writer.run(_check_backlogs)
+        return await self.writer.run(partial(_check_backlogs, self._backlog_failures))
 
 
 async def notify(tx: Tx, recipient: str, alert: Alert, expires_at: datetime | None = None) -> NotificationOut:
@@ -181,21 +183,35 @@ async def _remove_expired(limit: int, tx: Tx) -> int:
     return len(expired)
 
 
-async def _check_backlogs(tx: Tx) -> int:
+async def _check_backlogs(failures: Failures, tx: Tx) -> int:
+    watched = await Queue.filter(alert_after__isnull=False, deleted_at__isnull=True).using_db(tx.conn)
+    oldest = await _oldest_waiting(tx, [queue.id for queue in watched])
     raised = 0
-    watched = Queue.filter(alert_after__isnull=False, deleted_at__isnull=True).using_db(tx.conn)
-    for queue in await watched:
-        waiting = Message.filter(queue_id=queue.id, status=MessageStatus.pending, available_at__lte=tx.now)
-        oldest = await waiting.using_db(tx.conn).order_by("available_at").only("id", "available_at").first()
-        late = oldest is not None and tx.now - oldest.available_at > timedelta(seconds=queue.alert_after or 0)
-        if late == queue.alert_active:
-            continue  # no change: still calm, or this episode was already announced
-        queue.alert_active = late
-        await queue.save(using_db=tx.conn, update_fields=["alert_active"])
-        if late:
-            await notify_owner(tx, queue, _backlog_alert(queue))
-            raised += 1
+    for queue in watched:
+        check = partial(_check_backlog, tx, queue, oldest.get(queue.id))
+        raised += await isolated(tx, failures, f"the backlog check of queue {queue.name!r}", check) or 0
     return raised
+
+
+async def _oldest_waiting(tx: Tx, queue_ids: list[int]) -> dict[int, datetime]:
+    """When the oldest available pending message of each queue became available."""
+    if not queue_ids:
+        return {}
+    waiting = Message.filter(queue_id__in=queue_ids, status=MessageStatus.pending, available_at__lte=tx.now)
+    per_queue = waiting.using_db(tx.conn).annotate(oldest=Min("available_at")).group_by("queue_id")
+    return {row["queue_id"]: row["oldest"] for row in await per_queue.values("queue_id", "oldest")}
+
+
+async def _check_backlog(tx: Tx, queue: Queue, oldest: datetime | None) -> int:
+    late = oldest is not None and tx.now - oldest > timedelta(seconds=queue.alert_after or 0)
+    if late == queue.alert_active:
+        return 0  # no change: still calm, or this episode was already announced
+    queue.alert_active = late
+    await queue.save(using_db=tx.conn, update_fields=["alert_active"])
+    if not late:
+        return 0
+    await notify_owner(tx, queue, _backlog_alert(queue))
+    return 1
 
 
 def _backlog_alert(queue: Queue) -> Alert:

@@ -14,6 +14,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
+    ValidationError,
     ValidationInfo,
     field_validator,
 )
@@ -29,6 +31,7 @@ from models import (
     Priority,
     Queue,
     Token,
+    utcnow,
 )
 
 PriorityName = Literal["low", "normal", "high", "urgent"]
@@ -37,9 +40,26 @@ JSON = "application/json"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 T = TypeVar("T")
+# PostgreSQL's text cannot hold U+0000 and SQLite's can: so that both take the same requests,
+# every string the API takes refuses it, by this pattern or a stricter one of its own.
+NO_NUL = r"^[^\x00]*$"
+Text = Annotated[str, Field(pattern=NO_NUL)]
+# The largest integers both databases store: `IntField` is 32-bit on PostgreSQL, the rest 64-bit.
+# In seconds INT32_MAX is 68 years, and now ± that is still a date Python computes with.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
+
+def _in_utc(moment: datetime) -> datetime:
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:00-05:00 is in the year 10000 in UTC
+        raise ValueError("out of range once in UTC") from None
+
+
 # Times are stored and answered in UTC: SQLite compares them as text, where 03:00-05:00 would
 # come before 07:00Z.
-UtcDatetime = Annotated[AwareDatetime, AfterValidator(lambda value: value.astimezone(UTC))]
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
 
 
 def parse_duration(text: str) -> float:
@@ -67,14 +87,16 @@ class Strict(BaseModel):
 
 
 class QueueSettings(Strict):
-    description: str = Field(default="", max_length=2000)
-    alert_after: int | None = Field(default=None, gt=0, description="tell the owner when a backlog is older")
+    description: Text = Field(default="", max_length=2000)
+    alert_after: int | None = Field(
+        default=None, gt=0, le=INT32_MAX, description="tell the owner when a backlog is older"
+    )
     dead_letter_urgent: bool = Field(default=False, description="dead-letter notifications are urgent")
     visibility_timeout: float = Field(default=30.0, gt=0, le=12 * 3600)
     max_attempts: int = Field(default=5, ge=1, le=1000)
     backoff_base: float = Field(default=1.0, ge=0, le=3600)
     backoff_max: float = Field(default=300.0, ge=0, le=7 * 86400)
-    retention_seconds: int = Field(default=14 * 86400, ge=0)
+    retention_seconds: int = Field(default=14 * 86400, ge=0, le=INT32_MAX, description="0 keeps them forever")
 
 
 class QueueCreate(QueueSettings):
@@ -82,13 +104,13 @@ class QueueCreate(QueueSettings):
 
 
 class QueueUpdate(Strict):
-    description: str | None = Field(default=None, max_length=2000)
+    description: Text | None = Field(default=None, max_length=2000)
     visibility_timeout: float | None = Field(default=None, gt=0, le=12 * 3600)
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
     backoff_base: float | None = Field(default=None, ge=0, le=3600)
     backoff_max: float | None = Field(default=None, ge=0, le=7 * 86400)
-    retention_seconds: int | None = Field(default=None, ge=0)
-    alert_after: int | None = Field(default=None, gt=0)  # null turns the alert off
+    retention_seconds: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    alert_after: int | None = Field(default=None, gt=0, le=INT32_MAX)  # null turns the alert off
     dead_letter_urgent: bool | None = None
 
     @field_validator("*", mode="before")
@@ -133,7 +155,8 @@ class QueueOut(QueueSettings):
 # variable name and neither may hold a NUL, or the command cannot be started at all.
 HEADER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 HeaderName = Annotated[str, Field(pattern=HEADER_NAME_PATTERN)]
-HeaderValue = Annotated[str, Field(max_length=4096, pattern=r"^[^\x00]*$")]
+HeaderValue = Annotated[Text, Field(max_length=4096)]
+IdempotencyKey = Annotated[Text, Field(min_length=1, max_length=255)]
 
 
 class PublishIn(Strict):
@@ -143,7 +166,7 @@ class PublishIn(Strict):
     delay: float | None = Field(default=None, ge=0, le=365 * 86400)
     not_before: UtcDatetime | None = None
     headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict, max_length=64)
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    idempotency_key: IdempotencyKey | None = None
 
 
 @dataclass
@@ -251,12 +274,15 @@ class ClaimIn(Strict):
     wait: float = Field(default=0, ge=0, le=20, description="long-poll up to this many seconds")
 
 
+Id = Annotated[Text, Field(min_length=1, max_length=64)]
+
+
 class LeaseIn(Strict):
-    lease_id: str = Field(min_length=1, max_length=64)
+    lease_id: Id
 
 
 class NackIn(LeaseIn):
-    error: str | None = Field(default=None, max_length=10_000)
+    error: Text | None = Field(default=None, max_length=10_000)
     delay: float | None = Field(default=None, ge=0, le=7 * 86400, description="overrides the backoff")
 
 
@@ -265,7 +291,7 @@ class ExtendIn(LeaseIn):
 
 
 class AckItem(LeaseIn):
-    id: str = Field(min_length=1, max_length=64)
+    id: Id
 
 
 class AckBatchIn(Strict):
@@ -273,7 +299,7 @@ class AckBatchIn(Strict):
 
 
 class RedriveIn(Strict):
-    ids: list[str] | None = Field(default=None, max_length=1000, description="default: every dead message")
+    ids: list[Id] | None = Field(default=None, max_length=1000, description="default: every dead message")
 
 
 class Items(BaseModel, Generic[T]):
@@ -283,20 +309,39 @@ class Items(BaseModel, Generic[T]):
 NotificationPriorityName = Literal["low", "medium", "high", "urgent"]
 # A relative path or an http(s) URL: never `javascript:` in a link a person clicks.
 # `//host` and `/\\host` are other hosts to a browser, so a relative path must not start so.
-ACTION_URL_PATTERN = r"^(/([^/\\\s]\S*)?|(?i:https?)://\S+)$"
-Subject = Annotated[str, Field(min_length=1, max_length=255)]
+ACTION_URL_PATTERN = r"^(/([^/\\\s\x00][^\s\x00]*)?|(?i:https?)://[^\s\x00]+)$"
+Subject = Annotated[Text, Field(min_length=1, max_length=255)]
 
 
 class NotificationCreate(Strict):
     recipients: list[Subject] = Field(min_length=1, max_length=1000)
     type: str = Field(pattern=TYPE_PATTERN)
     priority: NotificationPriorityName = "medium"
-    title: str = Field(min_length=1, max_length=200)
-    message: str = Field(default="", max_length=10_000)
+    title: Text = Field(min_length=1, max_length=200)
+    message: Text = Field(default="", max_length=10_000)
     action_url: str | None = Field(default=None, max_length=2000, pattern=ACTION_URL_PATTERN)
     expires_at: UtcDatetime | None = None
     queue: str | None = Field(default=None, pattern=QUEUE_NAME_PATTERN)
-    message_id: str | None = Field(default=None, max_length=36)
+    message_id: Text | None = Field(default=None, max_length=36)
+
+    @field_validator("expires_at")
+    @classmethod
+    def _ahead(cls, value: datetime | None) -> datetime | None:
+        # One already past would be created expired: shown to nobody, then removed by the sweeper.
+        if value is not None and value <= utcnow():
+            raise ValueError("must be in the future")
+        return value
+
+
+_SUBJECT = TypeAdapter(Subject)
+
+
+def token_subject(text: str) -> str:
+    """A token's subject (`--sub`) as the API takes it; ValueError otherwise."""
+    try:
+        return _SUBJECT.validate_python(text)
+    except ValidationError:
+        raise ValueError(f"a token subject is 1 to 255 characters, none of them NUL, not {text!r}") from None
 
 
 class NotificationPatch(Strict):
@@ -376,9 +421,9 @@ class NotificationPage(Page[NotificationOut]):
 
 
 class TokenIn(Strict):
-    sub: str = Field(min_length=1, max_length=255, description="who the token speaks for")
-    scope: str = Field(default="", max_length=2000, description='space-separated, e.g. "publish:builds.*"')
-    ttl: str = Field(default="30d", max_length=20, description="3600, 30m, 12h, 30d")
+    sub: Subject = Field(description="who the token speaks for")
+    scope: Text = Field(default="", max_length=2000, description='space-separated, e.g. "publish:builds.*"')
+    ttl: Text = Field(default="30d", max_length=20, description="3600, 30m, 12h, 30d")
 
 
 class TokenOut(BaseModel):

@@ -15,6 +15,7 @@ from loguru import logger
 
 from availability import Availability, unavailable_cause
 from errors import ApiError
+from isolation import Failures
 from settings import Settings
 
 Chore = Callable[[], Awaitable[object]]
@@ -33,6 +34,7 @@ class Sweeper:
         self._every_tick = every_tick
         self._retention = retention
         self._task: asyncio.Task[None] | None = None
+        self._failures = Failures()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="sweeper")
@@ -59,6 +61,7 @@ class Sweeper:
         except Exception as error:  # noqa: BLE001 - one bad chore must not end housekeeping
             self._failed(chore, error)
             return
+        self._failures.worked(_name(chore))
         _report(chore, done)
 
     def _failed(self, chore: Chore, error: Exception) -> None:
@@ -66,7 +69,7 @@ class Sweeper:
             return  # refused by the writer, whose episode is already under way
         dependency = unavailable_cause(error)
         if dependency is None:
-            logger.opt(exception=error).error("{} failed", _name(chore))
+            self._failures.failed(_name(chore), error)
         else:
             self._availability.failed(dependency, error)
 

@@ -13,6 +13,7 @@ from conftest import Server, assert_error, auth, mint, snapshot, unique
 
 MAX_BODY = 256 * 1024
 FORM = "application/x-www-form-urlencoded"  # what `curl -d` sends
+JSON_TYPE = {"Content-Type": "application/json"}
 
 
 def messages_url(queue: str) -> str:
@@ -591,6 +592,45 @@ BAD_INPUT: dict[str, tuple[Callable[[str], Request], int, str]] = {
     ),
     "bad-created-after": (
         lambda q: ("GET", messages_url(q), {"params": {"created_after": "yesterday"}}),
+        422,
+        "validation_error",
+    ),
+    "lone-surrogate-in-json-body": (
+        lambda q: ("POST", messages_url(q), {"content": b'{"body": "\\ud800"}', "headers": JSON_TYPE}),
+        422,
+        "validation_error",
+    ),
+    "lone-surrogate-in-json-body-batch": (
+        lambda q: (
+            "POST",
+            f"{messages_url(q)}/batch",
+            {"content": b'{"items": [{"body": {"k": "\\udfff"}}]}', "headers": JSON_TYPE},
+        ),
+        422,
+        "validation_error",
+    ),
+    # Python's datetimes end with the year 9999 and begin with the year 1, in UTC as elsewhere.
+    "created-after-past-year-9999-in-utc": (
+        lambda q: ("GET", messages_url(q), {"params": {"created_after": "9999-12-31T23:00:00-05:00"}}),
+        422,
+        "validation_error",
+    ),
+    "created-before-before-year-1-in-utc": (
+        lambda q: ("GET", messages_url(q), {"params": {"created_before": "0001-01-01T00:00:00+05:00"}}),
+        422,
+        "validation_error",
+    ),
+    "not-before-past-year-9999-in-utc": (
+        lambda q: ("POST", messages_url(q), {"json": {"body": 1, "not_before": "9999-12-31T23:00:00-05:00"}}),
+        422,
+        "validation_error",
+    ),
+    "not-before-past-year-9999-in-utc-batch": (
+        lambda q: (
+            "POST",
+            f"{messages_url(q)}/batch",
+            {"json": {"items": [{"body": 1, "not_before": "9999-12-31T23:00:00-05:00"}]}},
+        ),
         422,
         "validation_error",
     ),

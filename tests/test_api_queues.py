@@ -410,6 +410,62 @@ async def test_listing_deleted_queues_needs_manage(server: Server, client: httpx
         assert name not in [q["name"] for q in response.json()["items"]]
 
 
+# Bounds -----------------------------------------------------------------------------------------
+# Settings are PostgreSQL `integer` columns (32-bit); sequence numbers are `bigint` on both databases.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
+
+@pytest.mark.parametrize("field", ["alert_after", "retention_seconds"])
+@pytest.mark.parametrize("value", [INT32_MAX + 1, 10**15, INT64_MAX + 1], ids=["2^31", "10^15", "2^63"])
+async def test_a_setting_past_its_column_is_422_and_changes_nothing(
+    server: Server, client: httpx.AsyncClient, field: str, value: int
+) -> None:
+    queue = await create_queue(client)
+    before = await snapshot(server)
+    created = await client.post("/api/v1/queues", json={"name": unique(), field: value})
+    assert f"body.{field}" in assert_error(created, 422, "validation_error")["details"]
+    patched = await client.patch(f"/api/v1/queues/{queue['name']}", json={field: value})
+    assert f"body.{field}" in assert_error(patched, 422, "validation_error")["details"]
+    assert await snapshot(server) == before
+
+
+@pytest.mark.parametrize("field", ["alert_after", "retention_seconds"])
+async def test_the_largest_setting_is_kept(client: httpx.AsyncClient, field: str) -> None:
+    created = await create_queue(client, **{field: INT32_MAX})
+    patched = await client.patch(f"/api/v1/queues/{created['name']}", json={field: INT32_MAX - 1})
+    assert (created[field], patched.json()[field]) == (INT32_MAX, INT32_MAX - 1)
+    assert (await client.get(f"/api/v1/queues/{created['name']}")).json()[field] == INT32_MAX - 1
+
+
+@pytest.mark.parametrize("format", ["json", "csv"])
+async def test_events_after_past_a_bigint_is_422(client: httpx.AsyncClient, format: str) -> None:
+    name = (await create_queue(client))["name"]
+    params = {"after": str(INT64_MAX + 1), "format": format}
+    response = await client.get(f"/api/v1/queues/{name}/events", params=params)
+    assert "query.after" in assert_error(response, 422, "validation_error")["details"]
+    last = await events(client, name, after=INT64_MAX)
+    assert (last["items"], last["total"], last["has_more"]) == ([], 0, False)
+
+
+@pytest.mark.parametrize("where", ["query", "header"])
+@pytest.mark.parametrize("cursor", [str(INT64_MAX + 1), "9" * 5000], ids=["2^63", "5000-digits"])
+async def test_a_stream_cursor_past_a_bigint_is_422(
+    client: httpx.AsyncClient, where: str, cursor: str
+) -> None:
+    name = (await create_queue(client))["name"]
+    field, given = (
+        ("query.last_event_id", {"params": {"last_event_id": cursor}})
+        if where == "query"
+        else ("header.Last-Event-ID", {"headers": {"Last-Event-ID": cursor}})
+    )
+    async with client.stream("GET", f"/api/v1/queues/{name}/stream", **given) as response:
+        assert response.status_code == 422  # a stream that opened would run for its lifetime
+        await response.aread()
+    error = assert_error(response, 422, "validation_error")
+    assert error["details"] == {field: [f"a whole number from 0 to {INT64_MAX}"]}
+
+
 # The event log ----------------------------------------------------------------------------------
 
 

@@ -256,6 +256,8 @@ BAD_CLI_ARGS = {
     "ttl-negative": ["--ttl=-5m"],
     "ttl-zero": ["--ttl", "0"],
     "ttl-past-year-9999": ["--ttl", "3000000d"],
+    "subject-empty": ["--sub", ""],
+    "subject-longer-than-its-column": ["--sub", "s" * 256],
 }
 
 
@@ -277,7 +279,7 @@ def cli_refusals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[in
     "case",
     list(BAD_CLI_ARGS),
 )
-def test_cli_refuses_a_bad_scope_or_ttl_in_one_line(
+def test_cli_refuses_a_bad_subject_scope_or_ttl_in_one_line(
     cli_refusals: dict[str, tuple[int, str, str]], case: str
 ) -> None:
     status, out, err = cli_refusals[case]

@@ -158,6 +158,25 @@ def test_sqlite_migrations_build_the_models_schema_once(tmp_path: Path) -> None:
         assert db.execute("SELECT name, last_seq FROM event_logs").fetchall() == [("queue:kept", 7)]
 
 
+def test_sqlite_settings_stored_before_the_bounds_are_brought_within_them(tmp_path: Path) -> None:
+    """What SQLite kept before the API refused it (PostgreSQL never could) reads back after 0002."""
+    migrate(tmp_path)
+    database = tmp_path / "pombo.sqlite3"
+    queue = (
+        "INSERT INTO queues (name, description, owner, visibility_timeout, max_attempts, backoff_base, "
+        "backoff_max, retention_seconds, alert_after, alert_active, dead_letter_urgent, created_at, "
+        "updated_at) VALUES (?, ?, 'o', 30, 5, 1, 300, ?, ?, 0, 0, '2026-01-01', '2026-01-01')"
+    )
+    with sqlite3.connect(database) as db:  # as an older release left them, before 0002
+        db.execute(queue, ("extreme", "a\x00b", 10**15, 2**62))
+        db.execute(queue, ("fine", "ok", 0, None))
+        db.execute(f"DELETE FROM {BOOKKEEPING} WHERE name = '0002_settings_within_bounds'")
+    migrate(tmp_path)
+    with sqlite3.connect(database) as db:
+        rows = db.execute("SELECT name, description, retention_seconds, alert_after FROM queues ORDER BY 1")
+        assert rows.fetchall() == [("extreme", "a\ufffdb", 2**31 - 1, 2**31 - 1), ("fine", "ok", 0, None)]
+
+
 def test_models_have_no_changes_missing_a_migration(tmp_path: Path) -> None:
     """`make migration` would write nothing: every model change has its migration file."""
     done = run_python(["-c", PENDING_CHANGES, str(ROOT)], tmp_path, pombo_env(tmp_path))

@@ -288,6 +288,9 @@ BAD_BODIES: dict[str, dict[str, Any]] = {
     "an empty title": {"title": ""},
     "an unknown field": {"sender": "me"},
     "a naive expiry": {"expires_at": "2030-01-01T00:00:00"},
+    "an expiry at 0": {"expires_at": 0},  # 1970: it would be created expired
+    "an expiry in the past": {"expires_at": "2020-01-01T00:00:00Z"},
+    "an expiry past the year 9999 in UTC": {"expires_at": "9999-12-31T23:00:00-05:00"},
     "too many recipients": {"recipients": [f"r{n}" for n in range(1001)]},
 }
 
