@@ -11,9 +11,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+from conftest import Server
 
 from .load import Call, Publisher, Replicas, Subscriber
 
@@ -50,6 +52,18 @@ class Verdict:
     def conclude(self) -> None:
         print(self.report())
         assert not self.failures, self.report()
+
+
+def note_peak_rss(verdict: Verdict, servers: Iterable[Server]) -> None:
+    """Each live server's peak resident set since it started (VmHWM)."""
+    peaks = []
+    for server in servers:
+        if server.process is None or server.process.poll() is not None:
+            continue
+        status = Path(f"/proc/{server.process.pid}/status").read_text()
+        kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+        peaks.append(f"{kib / 1024:.0f} MiB")
+    verdict.note(f"peak server RSS: {', '.join(peaks)}")
 
 
 def show(calls: Iterable[Call]) -> str:

@@ -24,6 +24,7 @@ from .checks import (
     check_unavailable_answers,
     histogram,
     is_ready,
+    note_peak_rss,
     read_log,
     readyz_between,
     says_down,
@@ -104,6 +105,7 @@ async def test_postgres_stopped_5s_and_started_ten_times_under_load(
     same = [s.process.pid for s in servers if s.process] == pids
     verdict.expect(all(alive) and same, f"a replica exited or was restarted: alive {alive}, same pids {same}")
     verdict.note(f"all calls: {histogram(cluster.calls)}")
+    note_peak_rss(verdict, servers)
     verdict.conclude()
 
 

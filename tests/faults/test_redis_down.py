@@ -21,6 +21,7 @@ from .checks import (
     check_subscriber,
     histogram,
     is_ready,
+    note_peak_rss,
     read_log,
     readyz_between,
     show,
@@ -126,6 +127,7 @@ async def test_redis_down_10s_streams_and_claims_on_the_other_replica_keep_up(
     )
     check_healthz(verdict, calls)
     verdict.note(f"all calls: {histogram(calls)}")
+    note_peak_rss(verdict, servers)
     verdict.conclude()
 
 

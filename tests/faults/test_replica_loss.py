@@ -26,6 +26,7 @@ from .checks import (
     check_unavailable_answers,
     first_success_after,
     histogram,
+    note_peak_rss,
     read_log,
     stored_messages,
 )
@@ -117,6 +118,7 @@ async def lose_a_replica(servers: list[Server], database_url: str, signum: signa
     check_unavailable_answers(verdict, calls)
     check_healthz(verdict, [c for c in calls if c.replica == 1])
     verdict.note(f"all calls: {histogram(calls)}")
+    note_peak_rss(verdict, servers)
     verdict.conclude()
 
 

@@ -12,7 +12,16 @@ from typing import Any
 import pytest
 from conftest import mint, unique
 
-from .checks import Verdict, check_healthz, check_no_500, check_subscriber, contiguity, histogram, read_log
+from .checks import (
+    Verdict,
+    check_healthz,
+    check_no_500,
+    check_subscriber,
+    contiguity,
+    histogram,
+    note_peak_rss,
+    read_log,
+)
 from .load import Crew, Replicas, Subscriber, poll_health
 from .rawsse import RawStream
 
@@ -71,6 +80,7 @@ async def test_a_subscriber_that_stops_reading_is_cut_the_others_keep_up_and_it_
     check_no_500(verdict, one.calls)
     check_healthz(verdict, one.calls)
     verdict.note(f"all calls: {histogram(one.calls)}")
+    note_peak_rss(verdict, [server])
     verdict.conclude()
 
 

@@ -27,6 +27,7 @@ from .checks import (
     first_success_after,
     histogram,
     is_ready,
+    note_peak_rss,
     read_log,
     readyz_between,
     says_down,
@@ -107,6 +108,7 @@ async def test_sqlite_disk_full_then_space_back(make_server: Any, small_tmpfs: T
     check_unavailable_answers(verdict, calls)
     check_healthz(verdict, calls)
     verdict.note(f"all calls: {histogram(calls)}")
+    note_peak_rss(verdict, [server])
     verdict.conclude()
 
 
