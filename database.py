@@ -115,8 +115,8 @@ async def _create(url: str) -> None:
     try:
         await connection.execute(f'CREATE DATABASE "{name.replace(chr(34), chr(34) * 2)}"')
         logger.info("created the database {}", name)
-    except asyncpg.DuplicateDatabaseError:
-        pass  # another replica, starting at the same time
+    except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+        pass  # another replica, starting at the same time (its CREATE may still be committing)
     except asyncpg.InsufficientPrivilegeError:
         raise SettingsError(
             f"invalid setting POMBO_DATABASE_URL: the database {name!r} does not exist "

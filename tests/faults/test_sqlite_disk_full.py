@@ -90,6 +90,7 @@ async def test_sqlite_disk_full_then_space_back(make_server: Any, small_tmpfs: T
             stop_publishing.set()
             stop_working.set()
             await background.stop()
+    note_peak_rss(verdict, [server])  # before it stops
     exit_code = server.stop()
     stored = await stored_messages(f"sqlite://{database}", queue)
     calls = one.calls
@@ -108,7 +109,6 @@ async def test_sqlite_disk_full_then_space_back(make_server: Any, small_tmpfs: T
     check_unavailable_answers(verdict, calls)
     check_healthz(verdict, calls)
     verdict.note(f"all calls: {histogram(calls)}")
-    note_peak_rss(verdict, [server])
     verdict.conclude()
 
 
