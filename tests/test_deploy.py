@@ -249,7 +249,8 @@ def test_nginx_accepts_the_proxy_config(tmp_path: Path) -> None:
         config = config.replace(f"{name}:{APP_PORT}", f"127.0.0.1:{APP_PORT}")
     if numbers < (1, 27, 3):  # `resolve` in an upstream is in open-source nginx since 1.27.3
         config = config.replace(" resolve;", ";")
-    conf, log = tmp_path / "nginx.conf", tmp_path / "error.log"
+    conf, log, pid = tmp_path / "nginx.conf", tmp_path / "error.log", tmp_path / "nginx.pid"
     conf.write_text(config)
-    checked = run("nginx", "-t", "-p", f"{tmp_path}/", "-c", str(conf), "-e", str(log))
+    # Files of the test's own, so that a user other than root can check it too.
+    checked = run("nginx", "-t", "-p", f"{tmp_path}/", "-c", str(conf), "-e", str(log), "-g", f"pid {pid};")
     assert checked.returncode == 0, checked.stderr
