@@ -237,6 +237,14 @@ def test_the_proxy_never_logs_query_strings() -> None:
     assert log_format is not None
     assert "$uri" in log_format.group(1)
     assert not re.search(r"\$(request|request_uri|args|query_string)\b", log_format.group(1))
+    # nginx's own error lines quote the whole request line: only levels that never name a request.
+    (error_log,) = nginx_directives()["error_log"]
+    assert error_log.split()[-1] in {"crit", "alert", "emerg"}
+
+
+def test_the_proxy_may_open_the_files_it_is_configured_for() -> None:
+    (files,) = nginx_directives()["worker_rlimit_nofile"]
+    assert compose()["services"]["proxy"]["ulimits"]["nofile"] == int(files)
 
 
 def test_nginx_accepts_the_proxy_config(tmp_path: Path) -> None:
