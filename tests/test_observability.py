@@ -60,23 +60,22 @@ async def test_a_log_file_is_rotated_and_pruned_with_one_json_object_a_line(make
     assert "rotated-" not in server.log()  # not on stderr as well
 
 
-def test_a_log_rotation_loguru_cannot_read_stops_the_start_in_one_line(tmp_path: Any) -> None:
+def _serve_with_log_file(tmp_path: Any, **settings: str) -> tuple[int, list[str]]:
+    """`main.py serve` logging to a file with these settings: its exit status and stderr lines."""
     env = {**os.environ, "POMBO_DATA_DIR": str(tmp_path), "POMBO_LOG_FILE": str(tmp_path / "p.log")}
-    env |= {"POMBO_LOG_ROTATION": "now and then", "POMBO_JWT_SECRET": "s" * 40}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "main.py"), "serve"], env=env, capture_output=True, timeout=60
-    )
-    assert done.returncode == 2
-    assert done.stderr.decode().strip().splitlines() == [
-        "pombo: invalid setting POMBO_LOG_ROTATION: Cannot parse rotation from: 'now and then'"
-    ]
+    env |= {"POMBO_JWT_SECRET": "s" * 40, **settings}
+    command = [sys.executable, str(ROOT / "main.py"), "serve"]
+    done = subprocess.run(command, env=env, capture_output=True, timeout=60)
+    return done.returncode, done.stderr.decode().strip().splitlines()
+
+
+def test_a_log_rotation_loguru_cannot_read_stops_the_start_in_one_line(tmp_path: Any) -> None:
+    status, lines = _serve_with_log_file(tmp_path, POMBO_LOG_ROTATION="now and then")
+    assert status == 2
+    assert lines == ["pombo: invalid setting POMBO_LOG_ROTATION: Cannot parse rotation from: 'now and then'"]
 
 
 def test_a_log_retention_loguru_cannot_read_is_named(tmp_path: Any) -> None:
-    env = {**os.environ, "POMBO_DATA_DIR": str(tmp_path), "POMBO_LOG_FILE": str(tmp_path / "p.log")}
-    env |= {"POMBO_LOG_RETENTION": "2 files", "POMBO_JWT_SECRET": "s" * 40}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "main.py"), "serve"], env=env, capture_output=True, timeout=60
-    )
-    assert done.returncode == 2
-    assert done.stderr.decode().startswith("pombo: invalid setting POMBO_LOG_RETENTION: "), done.stderr
+    status, lines = _serve_with_log_file(tmp_path, POMBO_LOG_RETENTION="2 files")
+    assert status == 2
+    assert len(lines) == 1 and lines[0].startswith("pombo: invalid setting POMBO_LOG_RETENTION: "), lines
