@@ -75,10 +75,10 @@ def _private(path: Path, mode: int) -> None:
     try:
         if path.stat().st_mode & 0o777 & ~mode:
             path.chmod(mode)
-    except FileNotFoundError:
-        pass
     except PermissionError:
         logger.warning("cannot make {} private (mode {:o}): it belongs to another user", path, mode)
+    except OSError:
+        pass  # missing, or a read-only mount: _unwritable says so
 
 
 def _unwritable(path: Path) -> str | None:

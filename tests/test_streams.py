@@ -374,7 +374,9 @@ async def test_a_subject_holds_so_many_streams_and_a_closed_one_frees_its_place(
         assert (await http.post("/api/v1/queues", json={"name": queue})).status_code == 201
         url = f"{server.url}/api/v1/queues/{queue}/stream"
         viewer, other = auth(mint("viewer", "subscribe:*")), auth(mint("other", "subscribe:*"))
-        async with Listener(url, viewer), Listener(f"{server.url}/api/v1/notifications/stream", viewer):
+        # httpx-sse adds `Accept: text/event-stream` to the dict it is given: each gets its own.
+        notifications = f"{server.url}/api/v1/notifications/stream"
+        async with Listener(url, {**viewer}), Listener(notifications, {**viewer}):
             refused = await http.get(url, headers=viewer)
             assert assert_error(refused, 429, "rate_limited")["details"] == {"limit": 2}
             async with Listener(url, other), Listener(url, ADMIN), Listener(url, ADMIN), Listener(url, ADMIN):
