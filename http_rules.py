@@ -15,6 +15,7 @@ import random
 import re
 from collections.abc import Iterable
 
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -84,6 +85,22 @@ class HttpRules:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class GzipReads:
+    """Starlette's `GZipMiddleware` for GET answers only (HEAD arrives here as GET): lists,
+    exports, the docs. Other methods answer one resource, and publish did not pay the wrapper's
+    per-request work lightly (NOTES.md)."""
+
+    def __init__(self, app: ASGIApp, minimum_size: int, compresslevel: int) -> None:
+        self.app = app
+        self.gzip = GZipMiddleware(app, minimum_size=minimum_size, compresslevel=compresslevel)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            await self.gzip(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 class _DocsPage:

@@ -36,7 +36,6 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from loguru import logger
 from starlette.middleware.cors import CORSMiddleware
-from starlette.middleware.gzip import GZipMiddleware
 from tortoise import Tortoise, connections
 from tortoise.contrib.fastapi import RegisterTortoise
 
@@ -62,7 +61,7 @@ from client import PomboClient, PomboError
 from count_cache import CountCache
 from database import prepare_database, replicas_share_a_broker, single_process
 from errors import install_error_handlers
-from http_rules import BoundedHttpTools, HttpRules
+from http_rules import BoundedHttpTools, GzipReads, HttpRules
 from hub import Hub
 from leases import Leases
 from models import Token
@@ -134,7 +133,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.routes = [*app.router.routes, *(route for module in modules for route in module.router.routes)]
     app.add_middleware(BodyLimit, limit=max(settings.max_batch_bytes, settings.max_body_bytes))
     # Lists, exports and docs assets; never a stream (Starlette excludes text/event-stream).
-    app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES, compresslevel=GZIP_LEVEL)
+    app.add_middleware(GzipReads, minimum_size=GZIP_MIN_BYTES, compresslevel=GZIP_LEVEL)
     # Its request id and access line cover the rest.
     app.add_middleware(RequestContext, availability=app.state.availability)
     if settings.allowed_origins:
