@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from deps import CurrentPrincipal, LeasesDep, QueueName, ResourceId
+from deps import AuthFirst, CurrentPrincipal, LeasesDep, QueueName, ResourceId
 from leases import Claim, Outcome
 from schemas import (
     AckBatchIn,
@@ -18,7 +18,7 @@ from schemas import (
     RedriveIn,
 )
 
-router = APIRouter(prefix="/api/v1/queues/{queue}", tags=["consume"])
+router = APIRouter(prefix="/api/v1/queues/{queue}", tags=["consume"], route_class=AuthFirst)
 
 
 @router.post("/claim")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from typing import Any
 
@@ -11,6 +12,7 @@ from pydantic_core import PydanticSerializationError
 
 from deps import (
     CALLER_DOCS,
+    AuthFirst,
     CurrentPrincipal,
     HubDep,
     QueueName,
@@ -23,7 +25,14 @@ from deps import (
     hub_of,
     settings_of,
 )
-from errors import bad_request, field_errors, too_large, validation_error
+from errors import (
+    bad_request,
+    field_errors,
+    invalid_encoding,
+    too_large,
+    unsupported_charset,
+    validation_error,
+)
 from exports import DOWNLOADS, Format, message_export, respond
 from hub import MessageFilter
 from models import MessageStatus, Priority
@@ -40,7 +49,7 @@ from schemas import (
     parse_duration,
 )
 
-router = APIRouter(prefix="/api/v1/queues/{queue}/messages", tags=["messages"])
+router = APIRouter(prefix="/api/v1/queues/{queue}/messages", tags=["messages"], route_class=AuthFirst)
 
 _PUBLISH_DOCS = {
     "requestBody": {
@@ -210,10 +219,8 @@ _TEXT_NUL = 'a text body cannot hold NUL (U+0000); a JSON body can, as "\\u0000"
 
 
 def _text_draft(raw: bytes, request: Request) -> Draft:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise bad_request("invalid_utf8", "a text body must be UTF-8") from None
+    declared = request.headers.get("content-type", "")
+    text = _decoded(raw, _charset(declared))
     if "\x00" in text:  # refused as in every other string (NO_NUL)
         raise validation_error({"body": [_TEXT_NUL]})
     headers = request.headers
@@ -233,15 +240,44 @@ def _text_draft(raw: bytes, request: Request) -> Draft:
             else {"header.X-Delay": [str(error)]}
         )
         raise validation_error(details) from None
-    draft.body, draft.content_type = text, _text_type(headers.get("content-type"))
+    draft.body, draft.content_type = text, _text_type(declared)
     return draft
 
 
-def _text_type(declared: str | None) -> str:
+def _charset(content_type: str) -> str:
+    """The `charset` parameter of a Content-Type (RFC 9110 §8.3.1), UTF-8 when it names none."""
+    for parameter in content_type.split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower() or "utf-8"
+    return "utf-8"
+
+
+def _decoded(raw: bytes, charset: str) -> str:
+    """The text, decoded by its declared charset: 415 for a charset unknown here, 400 for bytes
+    that are not in it."""
+    try:
+        codec = codecs.lookup(charset)
+    except LookupError:
+        raise unsupported_charset(charset) from None
+    if not getattr(codec, "_is_text_encoding", True):  # base64, rot13, zlib: not charsets
+        raise unsupported_charset(charset)
+    try:
+        return raw.decode(codec.name)
+    except UnicodeDecodeError:
+        raise invalid_encoding("utf-8" if codec.name == "utf-8" else charset) from None
+
+
+def _text_type(declared: str) -> str:
+    """What the stored text is: the declared type, its charset (if it named one) now UTF-8."""
     # curl -d sends form encoding by default; what it carries is text as typed.
-    if not declared or declared.startswith("application/x-www-form-urlencoded"):
+    media_type, *parameters = (part.strip() for part in declared.split(";"))
+    if not media_type or media_type.lower() == "application/x-www-form-urlencoded":
         return "text/plain; charset=utf-8"
-    return declared[:255]
+    if _charset(declared) == "utf-8":
+        return declared[:255]
+    kept = [p for p in parameters if p.partition("=")[0].strip().lower() != "charset"]
+    return "; ".join([media_type, *kept, "charset=utf-8"])[:255]
 
 
 def _batch_drafts(payload: Any, max_items: int, max_body: int) -> list[Draft]:

@@ -7,6 +7,7 @@ from fastapi.responses import Response
 
 from deps import (
     STREAM_DOCS,
+    AuthFirst,
     CurrentPrincipal,
     NotificationsDep,
     ResourceId,
@@ -34,9 +35,9 @@ from schemas import (
     NotificationPriorityName,
     NotificationStats,
 )
-from streams import StreamResponse, control_frame, documented_as_sse, open_stream
+from streams import control_frame, documented_as_sse, open_stream
 
-router = APIRouter(prefix="/api/v1/notifications", tags=["notifications"])
+router = APIRouter(prefix="/api/v1/notifications", tags=["notifications"], route_class=AuthFirst)
 
 
 @router.get("", response_model=NotificationPage, responses=DOWNLOADS)
@@ -91,7 +92,7 @@ async def create_notifications(
     openapi_extra=STREAM_DOCS,
     **documented_as_sse("the caller's notifications as SSE"),
 )
-async def stream_notifications(request: Request) -> StreamResponse:
+async def stream_notifications(request: Request) -> Response:
     """`notification.created|read|deleted` with ids, and `unread_count` on connect and after changes."""
     # Every browser opens one: no dependencies to solve, as for publish (see caller()).
     hub, settings = hub_of(request), settings_of(request)
@@ -105,7 +106,8 @@ async def stream_notifications(request: Request) -> StreamResponse:
         )
 
     log, gate = user_log(principal.subject), stream_gate_of(request)
-    return open_stream(hub, settings, principal, log, cursor, side_frame=unread, gate=gate)
+    accept = request.headers.get("accept", "")
+    return open_stream(hub, settings, principal, log, cursor, side_frame=unread, gate=gate, accept=accept)
 
 
 @router.patch("/{notification_id}")

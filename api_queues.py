@@ -9,6 +9,7 @@ from fastapi.responses import Response
 
 from deps import (
     STREAM_DOCS,
+    AuthFirst,
     CurrentPrincipal,
     HubDep,
     QueueName,
@@ -24,9 +25,9 @@ from deps import (
 from exports import DOWNLOADS, Format, event_export, respond
 from hub import queue_log
 from schemas import INT64_MAX, EventOut, Page, QueueCreate, QueueOut, QueueUpdate
-from streams import StreamResponse, documented_as_sse, live_queue_log, open_stream
+from streams import documented_as_sse, live_queue_log, open_stream
 
-router = APIRouter(prefix="/api/v1/queues", tags=["queues"])
+router = APIRouter(prefix="/api/v1/queues", tags=["queues"], route_class=AuthFirst)
 
 
 @router.post("", status_code=201)
@@ -114,7 +115,7 @@ _STREAM_DOCS = {
     openapi_extra=_STREAM_DOCS,
     **documented_as_sse("an SSE stream of the queue's events"),
 )
-async def stream_queue(request: Request, queue: QueueName) -> StreamResponse:
+async def stream_queue(request: Request, queue: QueueName) -> Response:
     # Every browser on a page opens one: no dependencies to solve, as for publish (see caller()).
     hub, settings = hub_of(request), settings_of(request)
     principal = caller(request)
@@ -123,4 +124,5 @@ async def stream_queue(request: Request, queue: QueueName) -> StreamResponse:
     log = await live_queue_log(hub, queue)
     given = request.query_params.getlist("types")
     wanted = frozenset(t.strip() for text in given for t in text.split(",") if t.strip()) or None
-    return open_stream(hub, settings, principal, log, cursor, wanted, gate=stream_gate_of(request))
+    gate, accept = stream_gate_of(request), request.headers.get("accept", "")
+    return open_stream(hub, settings, principal, log, cursor, wanted, gate=gate, accept=accept)

@@ -9,11 +9,12 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from availability import PROBE_TIMEOUT, Availability
-from deps import AvailabilityDep, CurrentPrincipal, HubDep
+from deps import AuthFirst, AvailabilityDep, CurrentPrincipal, HubDep
+from errors import RETRY_AFTER_SECONDS
 from hub import Hub
 from schemas import Me
 
-router = APIRouter(tags=["system"])
+router = APIRouter(tags=["system"], route_class=AuthFirst)
 
 # A writer that committed this recently can commit: readiness probes only an idle one.
 WRITER_FRESH_SECONDS = 5.0
@@ -40,7 +41,9 @@ async def readyz(hub: HubDep, availability: AvailabilityDep) -> JSONResponse:
     ready = checks["database"] and checks["writer"]
     status = "unavailable" if not ready else "ready" if checks["broker"] else "degraded"
     body = {"status": status, "checks": {name: "ok" if ok else "down" for name, ok in checks.items()}}
-    return JSONResponse(body, status_code=200 if ready else 503)
+    if ready:
+        return JSONResponse(body)
+    return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 @router.get("/api/v1/me")

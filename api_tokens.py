@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from auth import parse_scopes
-from deps import CurrentPrincipal, ResourceId, TokensDep, WindowDep
+from deps import AuthFirst, CurrentPrincipal, ResourceId, TokensDep, WindowDep
 from errors import validation_error
 from schemas import MintedTokenOut, Page, TokenIn, TokenOut, token_lifetime
 
-router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"])
+router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"], route_class=AuthFirst)
 
 
 @router.post("", status_code=201)

@@ -31,10 +31,21 @@ ACQUIRE_SECONDS = 2.0
 ROLLBACK_SECONDS = 2.0
 
 
+# The data dir holds the secret, the first admin token and the database: the server's user only.
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+
+
 def prepare_storage(settings: Settings) -> None:
-    """Create the data dir, and prove the SQLite file can be written, or say which setting is wrong."""
+    """Create the data dir, and prove the SQLite file can be written, or say which setting is wrong.
+
+    Both are private to the server's user: the dir 0700, the database file 0600, created so
+    rather than changed after (no moment when another user could open it). SQLite gives its
+    -wal and -shm files the database file's mode; ones left by an older start are narrowed too.
+    """
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+        _private(settings.data_dir, PRIVATE_DIR)
         reason = _unwritable(settings.data_dir)
     except OSError as error:
         reason = error.strerror
@@ -48,12 +59,26 @@ def prepare_storage(settings: Settings) -> None:
         # SQLite writes beside its file too (the WAL and its index).
         reason = _unwritable(path.parent)
         if not reason:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
+            for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                _private(file, PRIVATE_FILE)
             sqlite3.connect(path).close()
             reason = _unwritable(path)
     except (OSError, sqlite3.Error) as error:
         reason = getattr(error, "strerror", None) or str(error)
     if reason:
         raise SettingsError(f"invalid setting POMBO_DATABASE_URL: cannot write {path}: {reason}")
+
+
+def _private(path: Path, mode: int) -> None:
+    """`path` narrowed to `mode`, if it exists and is ours to change (else as it was, with a warning)."""
+    try:
+        if path.stat().st_mode & 0o777 & ~mode:
+            path.chmod(mode)
+    except PermissionError:
+        logger.warning("cannot make {} private (mode {:o}): it belongs to another user", path, mode)
+    except OSError:
+        pass  # missing, or a read-only mount: _unwritable says so
 
 
 def _unwritable(path: Path) -> str | None:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import request_params_to_args
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -120,23 +121,27 @@ async def _tokens(request: Request) -> TokenStore:
 
 
 def stream_cursor(request: Request) -> int | None:
-    """Where a stream resumes: `Last-Event-ID`, as EventSource sends it, else `last_event_id`."""
-    given = request.query_params.get("last_event_id")
-    if given is not None and not _is_sequence(given):
-        raise validation_error({"query.last_event_id": [_SEQUENCE]})
-    header = request.headers.get("last-event-id")
-    digits = (header or "").strip()
-    if digits.isascii() and digits.isdigit() and not _is_sequence(digits):  # else resume_cursor ignores it
-        raise validation_error({"header.Last-Event-ID": [_SEQUENCE]})
-    return resume_cursor(header, int(given) if given else None)
+    """Where a stream resumes: `Last-Event-ID`, as EventSource sends it, else `last_event_id`.
+
+    One rule for both: a whole number from 0 to 2^63-1, else 422. A cursor that cannot be read
+    is never taken for "live from now", which would skip whatever the client missed.
+    """
+    header = _sequence(request.headers.get("last-event-id"), "header.Last-Event-ID")
+    query = _sequence(request.query_params.get("last_event_id"), "query.last_event_id")
+    return resume_cursor(header, query)
 
 
 _SEQUENCE = f"a whole number from 0 to {INT64_MAX}"
 
 
-def _is_sequence(text: str) -> bool:
+def _sequence(given: str | None, where: str) -> int | None:
+    if given is None:
+        return None
+    text = given.strip()
     # "²" is a digit int() refuses, and int() refuses more than 4,300 digits.
-    return text.isascii() and text.isdigit() and len(text) <= len(str(INT64_MAX)) and int(text) <= INT64_MAX
+    if text.isascii() and text.isdigit() and len(text) <= len(str(INT64_MAX)) and int(text) <= INT64_MAX:
+        return int(text)
+    raise validation_error({where: [_SEQUENCE]})
 
 
 # What the `CurrentPrincipal` dependency adds to a route's OpenAPI, for a route calling caller().
@@ -198,6 +203,30 @@ QueueName = Annotated[
 # Ids are opaque: one the server never gave out is a 404, but a NUL must not reach the database.
 ResourceId = Annotated[str, Path(pattern=NO_NUL, max_length=64)]
 TypeFilter = Annotated[str | None, Query(pattern=NO_NUL, max_length=64)]
+
+
+class AuthFirst(APIRoute):
+    """A route that reads its caller's token before FastAPI reads the body.
+
+    FastAPI parses and validates a body before it solves any dependency: without this, a request
+    with no valid token got 400 for broken JSON or 422 for a wrong field, where it should learn
+    only that it must sign in (401). Every router takes it (`APIRouter(route_class=AuthFirst)`).
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        if self.body_field is None or not _takes_caller(self.dependant):
+            return handler
+
+        async def handle(request: Request) -> Response:
+            caller(request)  # a 401 now; the dependency reads the same token again (cached)
+            return await handler(request)
+
+        return handle
+
+
+def _takes_caller(dependant: Dependant) -> bool:
+    return any(d.call is _principal or _takes_caller(d) for d in dependant.dependencies)
 
 
 Endpoint = Callable[..., Coroutine[Any, Any, Response]]

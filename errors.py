@@ -8,17 +8,26 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match
 
 
 class ApiError(Exception):
     """An error the client can act on: `{"error": {"code", "message", "details"}}`."""
 
-    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details or {}
+        self.headers = headers
 
 
 def not_found(thing: str, name: str) -> ApiError:
@@ -57,8 +66,19 @@ def forbidden(scope: str) -> ApiError:
     return ApiError(403, "forbidden", f"this token lacks the scope {scope!r}", {"needed": scope})
 
 
-def rate_limited(message: str, **details: Any) -> ApiError:
-    return ApiError(429, "rate_limited", message, details)
+def rate_limited(message: str, retry_after: int, **details: Any) -> ApiError:
+    return ApiError(429, "rate_limited", message, details, {"Retry-After": str(retry_after)})
+
+
+def unsupported_charset(charset: str) -> ApiError:
+    message = f"the body's charset {charset!r} is not one this server knows: send UTF-8"
+    return ApiError(415, "unsupported_charset", message, {"charset": charset})
+
+
+def invalid_encoding(charset: str) -> ApiError:
+    if charset == "utf-8":
+        return bad_request("invalid_utf8", "a text body must be UTF-8, or say its charset")
+    return bad_request("invalid_encoding", f"the body is not valid {charset}", charset=charset)
 
 
 def unavailable(message: str, **details: Any) -> ApiError:
@@ -71,11 +91,11 @@ RETRY_AFTER_SECONDS = 1
 
 def envelope(error: ApiError) -> JSONResponse:
     body = {"error": {"code": error.code, "message": error.message, "details": error.details}}
-    headers = None
+    headers = dict(error.headers or {})
     if error.status == 401:
-        headers = {"WWW-Authenticate": "Bearer"}
-    elif error.status == 503:
-        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    elif error.status in (429, 503):  # RFC 9110 §10.2.3: when to come back, on every one
+        headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
     return JSONResponse(body, status_code=error.status, headers=headers)
 
 
@@ -105,12 +125,33 @@ async def _body_too_large(_: Request, error: Exception) -> JSONResponse:
     return envelope(too_large(error.limit))
 
 
-async def _http_error(_: Request, error: Exception) -> JSONResponse:
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, HTTPException)
     # FastAPI's own 400 is a JSON body it could not parse even as far as saying where (too deep).
     codes = {400: "malformed_json", 404: "not_found", 405: "method_not_allowed"}
     code = codes.get(error.status_code, "http_error")
-    return envelope(ApiError(error.status_code, code, str(error.detail)))
+    headers, details = dict(error.headers or {}), {}
+    if error.status_code == 405:
+        allowed = allowed_methods(request)
+        headers["Allow"], details = ", ".join(allowed), {"allowed": allowed}
+    return envelope(ApiError(error.status_code, code, str(error.detail), details, headers))
+
+
+_METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes at this path (Starlette's `Allow` names only the first
+    route's), HEAD wherever GET is: `http_rules` answers it. `app.state.routes` lists them all
+    (FastAPI keeps included routers' routes behind wrappers of its own)."""
+    methods: set[str] = set()
+    for route in request.app.state.routes:
+        taken = getattr(route, "methods", None)
+        if taken and isinstance(route, BaseRoute) and route.matches(request.scope)[0] != Match.NONE:
+            methods.update(taken)
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods, key=lambda m: _METHOD_ORDER.index(m) if m in _METHOD_ORDER else len(_METHOD_ORDER))
 
 
 def internal_error() -> JSONResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -14,6 +15,7 @@ Environment = Literal["development", "test", "production"]
 ENV_PREFIX = "POMBO_"
 DOCKER_SECRETS = Path("/run/secrets")
 KIB = 1024
+_ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
 
 
 class SettingsError(Exception):
@@ -38,6 +40,13 @@ class Settings(BaseSettings):
     jwt_secret: SecretStr | None = None
     jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
     anonymous_scopes: str = ""
+    # Origins whose pages may call the API and open streams (`https://app.example.com`, comma- or
+    # space-separated; `*` for any). None by default: only the API's own origin.
+    cors_origins: str = ""
+    # Let those pages send cookies and `Authorization` with credentials mode: never with `*`.
+    cors_credentials: bool = False
+    # Strict-Transport-Security on every response: only once the API is served over HTTPS only.
+    hsts: bool = False
 
     max_body_bytes: int = Field(default=256 * KIB, ge=1)
     max_batch_items: int = Field(default=1000, ge=1, le=10_000)
@@ -93,6 +102,14 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return url
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, given: str) -> str:
+        for origin in given.replace(",", " ").split():
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(f"{origin!r} is not an origin such as https://app.example.com (no path)")
+        return given
+
     @field_validator("jwt_secret")
     @classmethod
     def _strong_secret(cls, secret: SecretStr | None) -> SecretStr | None:
@@ -105,6 +122,8 @@ class Settings(BaseSettings):
         # A generated secret would differ per replica: only the embedded default may generate one.
         if not self.is_sqlite and self.jwt_secret is None:
             raise ValueError("POMBO_JWT_SECRET is required with PostgreSQL")
+        if self.cors_credentials and "*" in self.allowed_origins:
+            raise ValueError("POMBO_CORS_ORIGINS=* cannot go with POMBO_CORS_CREDENTIALS: name the origins")
         if self.backup_interval and self.sqlite_path is None:
             raise ValueError("POMBO_BACKUP_INTERVAL copies a SQLite file: back PostgreSQL up with pg_dump")
         return self
@@ -124,6 +143,10 @@ class Settings(BaseSettings):
         """The SQLite file, when the database is one (not PostgreSQL, not in memory)."""
         path = self.database.removeprefix("sqlite://").split("?")[0]
         return Path(path) if self.is_sqlite and path != ":memory:" else None
+
+    @property
+    def allowed_origins(self) -> tuple[str, ...]:
+        return tuple(self.cors_origins.replace(",", " ").split())
 
     @property
     def json_logs(self) -> bool:

@@ -35,6 +35,10 @@ from settings import Settings
 REPLAY_PAGE = 500
 CHUNK_BYTES = 64 * 1024
 DETACHED = "pombo.detached"
+HEAD = "pombo.head"  # set by http_rules.HttpRules on a HEAD it passes on as a GET
+# How long a client over its stream cap waits before it tries again: long enough that a
+# runaway one costs little, short enough that a browser tab whose place came free soon resumes.
+BUSY_RETRY_SECONDS = 10
 HEARTBEAT = b":\n\n"
 
 
@@ -70,12 +74,9 @@ def control_frame(event: str, data: dict[str, object]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-def resume_cursor(header: str | None, query: int | None) -> int | None:
+def resume_cursor(header: int | None, query: int | None) -> int | None:
     """`Last-Event-ID` wins over `last_event_id`; neither means live from now."""
-    cursor = header.strip() if header is not None else ""
-    if cursor.isascii() and cursor.isdigit():  # "²" is a digit that int() refuses
-        return int(cursor)
-    return query
+    return header if header is not None else query
 
 
 # A frame outside the log, sent on connect and after each batch of events (e.g. `unread_count`).
@@ -108,12 +109,17 @@ class StreamGate:
         self._per_subject = per_subject
         self._open: Counter[str] = Counter()
 
-    def admit(self, principal: Principal) -> None:
-        """Count a new stream for `principal`; 429 `rate_limited` past the cap."""
+    @property
+    def cap(self) -> int:
+        return self._per_subject
+
+    def admit(self, principal: Principal) -> bool:
+        """Count a new stream for `principal`; False past the cap."""
         subject, cap = principal.subject, self._per_subject
         if cap and not principal.is_admin and self._open[subject] >= cap:
-            raise rate_limited(f"{subject!r} already holds {cap} streams here", limit=cap)
+            return False
         self._open[subject] += 1
+        return True
 
     def release(self, subject: str) -> None:
         self._open[subject] -= 1
@@ -396,6 +402,10 @@ class StreamResponse(Response):
         except BaseException:
             self._stream.abandon()
             raise
+        if scope.get(HEAD):  # what a GET would start, without the stream
+            self._stream.abandon()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         self._stream.request_id = _request_id(start)
         detached: list[LogStream] | None = scope.get(DETACHED)
         if detached is None:  # no DirectSend around the app: stream from here
@@ -456,6 +466,25 @@ async def live_queue_log(hub: Hub, name: str) -> str:
     return log
 
 
+def busy(subject: str, cap: int, accept: str) -> Response:
+    """The answer past the stream cap: a 429 with `Retry-After`, or for an event-stream client,
+    a 200 stream that says so and ends.
+
+    An EventSource that gets anything but a 200 `text/event-stream` fails for good (WHATWG HTML
+    §9.2.3, "fail the connection"): a browser tab would never come back. One that reads a stream
+    to its end reconnects after the last `retry:`, with its cursor, so it is told to wait through
+    `retry:` and a typed `stream.busy` event (no `id:`: the cursor stays where it was). Every
+    EventSource sends `Accept: text/event-stream`; other clients get the 429.
+    """
+    message = f"{subject!r} already holds {cap} streams here"
+    if "text/event-stream" not in accept:
+        raise rate_limited(message, BUSY_RETRY_SECONDS, limit=cap)
+    data = {"reason": "too_many_streams", "message": message, "limit": cap, "retry_after": BUSY_RETRY_SECONDS}
+    body = f"retry: {BUSY_RETRY_SECONDS * 1000}\n\n".encode() + control_frame("stream.busy", data)
+    headers = {name.decode(): value.decode() for name, value in _HEADERS if name != b"content-type"}
+    return Response(body, 200, headers, media_type=_HEADERS[2][1].decode())
+
+
 def open_stream(
     hub: Hub,
     settings: Settings,
@@ -466,10 +495,12 @@ def open_stream(
     side_frame: SideFrame | None = None,
     *,
     gate: StreamGate,
-) -> StreamResponse:
+    accept: str = "",
+) -> Response:
     """Count the stream against its subject, subscribe before any header is sent, then hand the
-    stream to the response."""
-    gate.admit(principal)
+    stream to the response. Past the subject's cap, `busy()`."""
+    if not gate.admit(principal):
+        return busy(principal.subject, gate.cap, accept)
     spec = StreamSpec(
         log=log,
         cursor=cursor,
