@@ -84,6 +84,16 @@ def need_service(name: str, port: int) -> None:
     pytest.skip(f"{name} is not running on 127.0.0.1:{port}")
 
 
+def need_tool(name: str, present: bool | None = None) -> None:
+    """Skip without `name` (a command on PATH, unless `present` tells), or fail when every
+    dependency is required (POMBO_TEST_REQUIRE_SERVICES=1)."""
+    if shutil.which(name) is not None if present is None else present:
+        return
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{name} is not installed and POMBO_TEST_REQUIRE_SERVICES=1")
+    pytest.skip(f"{name} is not installed")
+
+
 @dataclass
 class Server:
     """`python main.py serve` in a subprocess, with its log captured to a file."""

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from conftest import REQUIRE_SERVICES, ROOT
+from conftest import ROOT, need_tool
 
 from settings import ENV_PREFIX, Settings
 
@@ -37,14 +37,6 @@ def compose() -> dict[str, Any]:
 def replicas() -> dict[str, dict[str, Any]]:
     """The services that run Pombo: the ones built from this repository."""
     return {name: service for name, service in compose()["services"].items() if "build" in service}
-
-
-def need_tool(name: str) -> None:
-    if shutil.which(name) is not None:
-        return
-    if REQUIRE_SERVICES:
-        pytest.fail(f"{name} is not installed and POMBO_TEST_REQUIRE_SERVICES=1")
-    pytest.skip(f"{name} is not installed")
 
 
 def compose_validators() -> list[list[str]]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ADMIN, ROOT, Listener, Server, assert_error, auth, mint, snapshot, unique
+from conftest import ADMIN, ROOT, Listener, Server, assert_error, auth, mint, need_tool, snapshot, unique
 
 from settings import SettingsError, load_settings
 
@@ -142,9 +142,8 @@ async def test_the_docs_pages_allow_only_their_own_inline_code(http: httpx.Async
 
 
 async def test_the_docs_render_in_chromium_under_their_policy(sqlite_server: Server) -> None:
+    need_tool("chromium")
     playwright = pytest.importorskip("playwright.async_api")
-    if shutil.which("chromium") is None:
-        pytest.skip("Debian's chromium is not installed")
     async with playwright.async_playwright() as driver:
         chromium = shutil.which("chromium")
         browser = await driver.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
@@ -178,8 +177,8 @@ async def test_a_429_says_when_to_come_back(make_server: Any) -> None:
 
 async def test_an_eventsource_over_its_cap_is_told_to_wait_and_comes_back(make_server: Any) -> None:
     """A real EventSource, which gives up for good on any status but 200."""
-    if shutil.which("node") is None or not (EVENTSOURCE / "node_modules" / "eventsource").is_dir():
-        pytest.skip("needs node and `npm ci --prefix tests/eventsource`")
+    need_tool("node")
+    need_tool("eventsource (npm ci --prefix tests/eventsource)", (EVENTSOURCE / "node_modules").is_dir())
     server = make_server(streams_per_subject="1").start()
     token = mint("viewer", "subscribe:*")
     async with server.client() as http:
