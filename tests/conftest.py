@@ -343,7 +343,9 @@ class Listener:
     """A real SSE client on a real server, recording every event with its arrival time."""
 
     def __init__(self, url: str, headers: dict[str, str] | None = None, params: Any = None) -> None:
-        self.url, self.headers, self.params = url, headers if headers is not None else ADMIN, params
+        # A copy: httpx-sse adds its Accept header to the dict it is given, and ADMIN is shared.
+        self.url, self.params = url, params
+        self.headers = dict(headers if headers is not None else ADMIN)
         self.events: list[tuple[float, ServerSentEvent]] = []
         self.response: httpx.Response | None = None
         self.connected = asyncio.Event()

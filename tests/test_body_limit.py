@@ -40,8 +40,12 @@ async def test_a_body_past_the_cap_is_413_and_changes_nothing(capped: Server, se
             http.headers.pop("Authorization")
         json_type = {"Content-Type": "application/json"}
         response = await http.post("/api/v1/queues", headers=json_type, content=BODIES[sent]())
-    error = assert_error(response, 413, "too_large")
-    assert error["details"] == {"limit": LIMIT}
+    if token == "none" and sent == "chunked":
+        # No token is refused before a byte of the body is read; a declared length, before that.
+        assert_error(response, 401, "unauthorized")
+    else:
+        error = assert_error(response, 413, "too_large")
+        assert error["details"] == {"limit": LIMIT}
     assert "x-request-id" in response.headers
     assert await snapshot(capped) == before
 

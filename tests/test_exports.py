@@ -117,7 +117,8 @@ def csv_rows(response: httpx.Response) -> list[list[str]]:
 
 def workbook(response: httpx.Response) -> Any:
     assert response.headers["content-type"] == XLSX
-    assert int(response.headers["content-length"]) == len(response.content)
+    if response.headers.get("content-encoding") != "gzip":  # compressed, its length is not known ahead
+        assert int(response.headers["content-length"]) == len(response.content)
     return openpyxl.load_workbook(io.BytesIO(response.content))
 
 
