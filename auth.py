@@ -17,7 +17,7 @@ from errors import forbidden, unauthorized
 from settings import Settings
 
 ACTIONS = frozenset({"publish", "consume", "subscribe", "manage"})
-PLAIN_SCOPES = frozenset({"admin", "notify"})
+PLAIN_SCOPES = frozenset({"admin", "notify", "metrics"})
 ANONYMOUS = "anonymous"
 SECRET_FILE = "jwt-secret"
 ADMIN_TOKEN_FILE = "admin-token"
@@ -30,7 +30,7 @@ def parse_scopes(text: str) -> frozenset[str]:
         action, colon, pattern = scope.partition(":")
         if scope in PLAIN_SCOPES or (colon and action in ACTIONS and pattern):
             continue
-        raise ValueError(f"unknown scope {scope!r}: use admin, notify or ACTION:PATTERN")
+        raise ValueError(f"unknown scope {scope!r}: use admin, notify, metrics or ACTION:PATTERN")
     return scopes
 
 

@@ -15,6 +15,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -356,6 +357,8 @@ class RedisBroker(LocalFanout):
         self._poller: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self._lost_at: float | None = None  # when the subscription was lost, while it is
+        self.reconnects = 0  # subscriptions regained after a loss, and batches Redis did not take
+        self.publish_failures = 0
 
     async def start(self) -> None:
         self._tasks = [
@@ -385,10 +388,15 @@ class RedisBroker(LocalFanout):
                     self._lost_some = False
                 await self._redis.publish(self._channel, payload)
             except (RedisError, OSError) as error:
+                self.publish_failures += 1
                 # Committed is committed: the other replicas re-read the database once we are back.
                 if not self._lost_some:  # once an episode, not once a batch
                     logger.warning("redis publish failed ({}); replicas will catch up", error)
                 self._lost_some = True
+
+    @property
+    def outbox_depth(self) -> int:
+        return self._outbox.qsize()
 
     def known_head(self, log: str) -> int | None:
         # Cut off from the other replicas, this process cannot know their last commits.
@@ -448,6 +456,7 @@ class RedisBroker(LocalFanout):
         self.connected.set()
         if not was_connected:
             lost_at, self._lost_at = self._lost_at, None
+            self.reconnects += lost_at is not None
             outage = "" if lost_at is None else f" again after {time.monotonic() - lost_at:.1f}s"
             logger.info("redis subscription ready{}", outage)
             self.catch_up_all()
@@ -530,7 +539,9 @@ def _pack(update: Update) -> list[object]:
 
 def _unpack(item: list[object]) -> Update:
     log, seq, type_, data, at = item
-    return Update(str(log), int(str(seq)), str(type_), str(data), str(at))
+    # Committed on another replica at about `at` (its transaction's start): for the delivery lag.
+    committed = datetime.fromisoformat(str(at)).timestamp()
+    return Update(str(log), int(str(seq)), str(type_), str(data), str(at), committed_at=committed)
 
 
 def create_broker(redis_url: str, prefix: str) -> Broker:

@@ -107,6 +107,11 @@ class SharedReads:
     all are taken queue behind one read per key, and share it.
     """
 
+    @property
+    def pending(self) -> int:
+        """Reads in progress or queued (each may serve many streams)."""
+        return len(self._pending)
+
     def __init__(self, reads: int = SHARED_READS) -> None:
         self._reads = asyncio.Semaphore(reads)
         self._begun = 0

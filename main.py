@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import Any
 
 import uvicorn
@@ -41,6 +41,7 @@ from tortoise.contrib.fastapi import RegisterTortoise
 
 import api_consume
 import api_messages
+import api_metrics
 import api_notifications
 import api_queues
 import api_system
@@ -64,6 +65,7 @@ from errors import install_error_handlers
 from http_rules import BoundedHttpTools, GzipReads, HttpRules
 from hub import Hub
 from leases import Leases
+from metrics import Metrics, Recorder
 from models import Token
 from notifications import Notifications
 from observability import LogFile, RequestContext, configure_logging
@@ -124,9 +126,12 @@ def create_app(settings: Settings) -> FastAPI:
     except ValueError as error:
         raise SettingsError(f"invalid setting POMBO_ANONYMOUS_SCOPES: {error}") from None
     app.state.availability = Availability()
+    # Its own registry per app, not prometheus-client's global one: two apps never collide.
+    app.state.metrics = Recorder(settings.metrics_queues) if settings.metrics else Metrics()
     install_error_handlers(app)
     # Routes match in order: the busiest first (publish, claim, ack), about 40 µs less a publish.
-    modules = (api_messages, api_consume, api_queues, api_notifications, api_tokens, api_system)
+    modules: tuple[ModuleType, ...] = (api_messages, api_consume, api_queues, api_notifications, api_tokens)
+    modules += (api_system, api_metrics) if settings.metrics else (api_system,)
     for module in modules:
         app.include_router(module.router)
     # Every route, for the `Allow` of a 405 (errors.allowed_methods).
@@ -135,7 +140,7 @@ def create_app(settings: Settings) -> FastAPI:
     # Lists, exports and docs assets; never a stream (Starlette excludes text/event-stream).
     app.add_middleware(GzipReads, minimum_size=GZIP_MIN_BYTES, compresslevel=GZIP_LEVEL)
     # Its request id and access line cover the rest.
-    app.add_middleware(RequestContext, availability=app.state.availability)
+    app.add_middleware(RequestContext, availability=app.state.availability, metrics=app.state.metrics)
     if settings.allowed_origins:
         # Outside RequestContext, so that a 500 it answers is readable cross-origin too.
         app.add_middleware(
@@ -170,7 +175,9 @@ async def _running_app(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
             logger.warning("no tokens yet: make an admin one with: {}", FIRST_TOKEN_COMMAND)
         app.state.revocations = Revocations()
         await app.state.revocations.refresh()
-        app.state.stream_gate = StreamGate(app.state.revocations, settings.streams_per_subject)
+        app.state.stream_gate = StreamGate(
+            app.state.revocations, settings.streams_per_subject, app.state.metrics
+        )
         async with _running_hub(app, settings):
             broker = "redis" if settings.redis_url else "in-process broker"
             logger.info("pombo ready on {}:{} ({})", settings.host, settings.port, broker)
@@ -187,7 +194,7 @@ async def _running_app(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
 async def _running_hub(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     broker = create_broker(settings.redis_url, settings.redis_prefix)
     availability: Availability = app.state.availability
-    writer = Writer(broker, settings.writer_batch, availability)
+    writer = Writer(broker, settings.writer_batch, availability, app.state.metrics)
     availability.watch("database", _select_one)
     availability.watch("writer", writer.probe)
     counts = CountCache(settings.redis_url, settings.redis_prefix, enabled=settings.count_cache)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
 
+from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.expressions import Q
 from tortoise.functions import Count, Min
 from tortoise.queryset import QuerySet
@@ -185,7 +186,7 @@ async def _remove_expired(limit: int, tx: Tx) -> int:
 
 async def _check_backlogs(failures: Failures, tx: Tx) -> int:
     watched = await Queue.filter(alert_after__isnull=False, deleted_at__isnull=True).using_db(tx.conn)
-    oldest = await _oldest_waiting(tx, [queue.id for queue in watched])
+    oldest = await oldest_waiting(tx.conn, tx.now, [queue.id for queue in watched])
     raised = 0
     for queue in watched:
         check = partial(_check_backlog, tx, queue, oldest.get(queue.id))
@@ -193,12 +194,12 @@ async def _check_backlogs(failures: Failures, tx: Tx) -> int:
     return raised
 
 
-async def _oldest_waiting(tx: Tx, queue_ids: list[int]) -> dict[int, datetime]:
+async def oldest_waiting(conn: BaseDBAsyncClient, now: datetime, queue_ids: list[int]) -> dict[int, datetime]:
     """When the oldest available pending message of each queue became available."""
     if not queue_ids:
         return {}
-    waiting = Message.filter(queue_id__in=queue_ids, status=MessageStatus.pending, available_at__lte=tx.now)
-    per_queue = waiting.using_db(tx.conn).annotate(oldest=Min("available_at")).group_by("queue_id")
+    waiting = Message.filter(queue_id__in=queue_ids, status=MessageStatus.pending, available_at__lte=now)
+    per_queue = waiting.using_db(conn).annotate(oldest=Min("available_at")).group_by("queue_id")
     return {row["queue_id"]: row["oldest"] for row in await per_queue.values("queue_id", "oldest")}
 
 

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from availability import Availability, refusal, unavailable_cause
 from errors import envelope, internal_error
+from metrics import Metrics
 from settings import SettingsError
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -147,9 +148,10 @@ class RequestContext:
     episode; any other is logged with its traceback and answered 500.
     """
 
-    def __init__(self, app: ASGIApp, availability: Availability) -> None:
+    def __init__(self, app: ASGIApp, availability: Availability, metrics: Metrics | None = None) -> None:
         self.app = app
         self.availability = availability
+        self.metrics = metrics or Metrics()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -175,9 +177,10 @@ class RequestContext:
                 if not status:
                     await response(scope, receive, send_with_id)
             finally:
-                elapsed = (time.perf_counter() - began) * 1000
+                elapsed = time.perf_counter() - began
                 answered = status[0] if status else 500
-                _access.info("{} {} {} {:.1f}ms", scope["method"], scope["path"], answered, elapsed)
+                self.metrics.request(scope, answered, elapsed)
+                _access.info("{} {} {} {:.1f}ms", scope["method"], scope["path"], answered, elapsed * 1000)
 
     def _answer(self, error: Exception) -> Response:
         dependency = unavailable_cause(error)

@@ -466,6 +466,8 @@ class Update:
     data: str
     at: str
     frame: bytes | None = field(default=None, repr=False, compare=False)
+    # When it was committed (Unix time), for the delivery lag; None when read back from the database.
+    committed_at: float | None = field(default=None, repr=False, compare=False)
 
     def as_event(self) -> EventOut:
         return EventOut(

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     # the newest `backup_keep`.
     backup_interval: float = Field(default=0, ge=0)
     backup_keep: int = Field(default=7, ge=1)
+    # Prometheus figures at /metrics (false: nothing is collected and /metrics is 404). Reading
+    # them takes the `metrics` scope unless they are public; at most `metrics_queues` queues are
+    # named, the busiest, so that thousands of queues do not make thousands of series.
+    metrics: bool = True
+    metrics_public: bool = False
+    metrics_queues: int = Field(default=20, ge=0, le=1000)
     log_json: bool | None = None
     # Log to this file instead of stderr, rotated and pruned in loguru's notation ("100 MB",
     # "1 day", "00:00"; "14 days", "10 files").

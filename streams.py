@@ -29,6 +29,7 @@ from broker import Broker, Subscriber
 from errors import rate_limited
 from hub import Hub, queue_log
 from log_pages import Page
+from metrics import Metrics
 from schemas import Update
 from settings import Settings
 
@@ -104,9 +105,10 @@ class StreamGate:
     who run the benchmarks and the dashboards, have none.
     """
 
-    def __init__(self, revocations: Container[str], per_subject: int) -> None:
+    def __init__(self, revocations: Container[str], per_subject: int, metrics: Metrics | None = None) -> None:
         self._revocations = revocations
         self._per_subject = per_subject
+        self.metrics = metrics or Metrics()  # what the streams it admits report to
         self._open: Counter[str] = Counter()
 
     @property
@@ -150,6 +152,7 @@ class LogStream:
         """Write the stream to `send` until it ends; however it ends, unsubscribe."""
         subscriber, task, request_id = self._subscriber, asyncio.current_task(), self.request_id
         subscriber.task = task
+        self._gate.metrics.stream_opened(self._spec.log)
         watcher = asyncio.ensure_future(_watch_disconnect(receive, subscriber))
         self._send = send
         try:
@@ -175,6 +178,7 @@ class LogStream:
                 self._held[0].close()
             self._broker.unsubscribe(subscriber)
             self._gate.release(self._spec.subject)
+            self._gate.metrics.stream_closed(self._spec.log)
 
     async def _run(self) -> None:
         spec = self._spec
@@ -235,6 +239,7 @@ class LogStream:
         if not page.updates:
             return False
         self._last = page.updates[-1].seq
+        self._gate.metrics.replayed(len(page.updates))
         for chunk in page_chunks(page):
             await self._write(chunk)
         return True
@@ -290,6 +295,7 @@ class LogStream:
         chunk = self._take(update)
         if chunk is None:
             return True
+        self._gate.metrics.delivered(update)
         sending = cast(Coroutine[Any, Any, None], self._send(_body(chunk)))
         try:
             waiting = sending.send(None)
@@ -323,6 +329,7 @@ class LogStream:
         chunk = self._take(update)
         if chunk is None:
             return False
+        self._gate.metrics.delivered(update)
         await self._write(chunk)
         return True
 

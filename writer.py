@@ -38,6 +38,7 @@ from availability import Availability, refusal, unavailable_cause
 from broker import Broker
 from database import pg_transaction
 from errors import ApiError, unavailable
+from metrics import Metrics
 from models import Event, Queue, utcnow
 from schemas import Update, utc_text
 from sqlite_thread import SqliteThread
@@ -98,8 +99,11 @@ class _Job(Generic[T]):
 
 
 class Writer:
-    def __init__(self, broker: Broker, max_batch: int, availability: Availability) -> None:
+    def __init__(
+        self, broker: Broker, max_batch: int, availability: Availability, metrics: Metrics | None = None
+    ) -> None:
         self._broker = broker
+        self._metrics = metrics or Metrics()
         self._availability = availability
         self._max_batch = max_batch
         self._jobs: asyncio.Queue[_Job[Any]] = asyncio.Queue()
@@ -157,6 +161,7 @@ class Writer:
     async def _commit(self, jobs: list[_Job[Any]]) -> None:
         if not jobs:
             return
+        began = time.monotonic()
         try:
             outcomes, updates = await self._transaction(jobs)
         except Exception as error:  # noqa: BLE001 - isolate, then report per job
@@ -173,6 +178,7 @@ class Writer:
                 outcomes, updates = [error], []
         else:
             self.committed_at = time.monotonic()
+            self._metrics.committed(updates, len(jobs), self.committed_at - began)
             self._availability.recovered("writer")
         if updates:
             await self._broker.publish(updates)
