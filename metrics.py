@@ -103,8 +103,9 @@ class QueueLabels:
     series stays bounded and no counter ever goes down.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, every: float = RELABEL_SECONDS) -> None:
         self._limit = limit
+        self._every = every
         self.named: set[str] = set()
         self._recent: Counter[str] = Counter()
         self._chosen_at = time.monotonic()
@@ -124,7 +125,7 @@ class QueueLabels:
 
     def choose(self) -> set[str]:
         """Give the places to the busiest of the last while; returns the queues that lost one."""
-        if time.monotonic() - self._chosen_at < RELABEL_SECONDS:
+        if time.monotonic() - self._chosen_at < self._every:
             return set()
         self._chosen_at = time.monotonic()
         named, recent = self.named, self._recent
@@ -159,8 +160,8 @@ class Sample:
 class Recorder(Metrics):
     """The figures, and the registry that writes them (one per app: two apps never collide)."""
 
-    def __init__(self, named_queues: int) -> None:
-        self.queues = QueueLabels(named_queues)
+    def __init__(self, named_queues: int, relabel_every: float = RELABEL_SECONDS) -> None:
+        self.queues = QueueLabels(named_queues, relabel_every)
         self.messages: Counter[tuple[str, str]] = Counter()  # (queue label, transition)
         self.requests: Counter[tuple[str, str, str]] = Counter()  # (route, method, status)
         self.durations: dict[tuple[str, str], Tally] = {}  # (route, method)
