@@ -33,15 +33,19 @@ from servers import Server
 from wire import Target
 
 TARGETS = ("baseline", "pombo-sqlite", "pombo-postgres")
+# pombo-sqlite again with the --variant-env settings: an A/B of a setting within one run.
+VARIANT = "pombo-sqlite-variant"
 
 
 def _starters(
     args: argparse.Namespace, workdir: Path
 ) -> dict[str, Callable[[], contextlib.AbstractContextManager[Server]]]:
     settings = dict(args.server_env)
+    variant = {**settings, **dict(args.variant_env)}
     return {
         "baseline": lambda: servers.baseline(workdir, args.redis),
         "pombo-sqlite": lambda: servers.pombo_sqlite(workdir, settings),
+        VARIANT: lambda: servers.pombo_sqlite(workdir, variant, label=VARIANT),
         "pombo-postgres": lambda: servers.pombo_postgres(workdir, settings, args.postgres, args.redis),
     }
 
@@ -102,6 +106,9 @@ def _print(results: list[Result], load_before: tuple[float, ...]) -> None:
     if any(r.target == "baseline" for r in results):
         print("\nPombo / baseline (ratio > 1: Pombo's figure is the larger)")
         print(ratios(results, "baseline"))
+    if any(r.target == VARIANT for r in results):
+        print(f"\n{VARIANT} / pombo-sqlite (ratio > 1: the variant's figure is the larger)")
+        print(ratios([r for r in results if r.target in ("pombo-sqlite", VARIANT)], "pombo-sqlite"))
     load = "/".join(f"{x:.2f}" for x in load_before)
     after = "/".join(f"{x:.2f}" for x in os.getloadavg())
     cores = os.cpu_count()
@@ -119,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--postgres", default="postgres://postgres@127.0.0.1:5432/postgres", help="an admin URL")
     setting = "a setting for the Pombo servers (repeatable)"
     add("--server-env", type=_setting, action="append", default=[], metavar="POMBO_X=VALUE", help=setting)
+    variant = f"also run {VARIANT}, pombo-sqlite with this setting too, right after it (repeatable)"
+    add("--variant-env", type=_setting, action="append", default=[], metavar="POMBO_X=VALUE", help=variant)
     add("--keep-logs", action="store_true", help="keep the servers' temporary directory")
     add_arguments(parser)
     return parser
@@ -133,13 +142,16 @@ def _setting(text: str) -> tuple[str, str]:
 
 def _targets(text: str) -> list[str]:
     labels = [t.strip() for t in text.split(",") if t.strip()]
-    if unknown := sorted(set(labels) - set(TARGETS)):
+    if unknown := sorted(set(labels) - {*TARGETS, VARIANT}):
         raise argparse.ArgumentTypeError(f"unknown target {', '.join(unknown)}")
     return labels
 
 
 def main() -> int:
     args = _parser().parse_args()
+    if args.variant_env and VARIANT not in args.targets:
+        at = args.targets.index("pombo-sqlite") + 1 if "pombo-sqlite" in args.targets else len(args.targets)
+        args.targets.insert(at, VARIANT)
     names, options = chosen(args.scenario), Options.from_args(args)
     raise_open_files_limit()
     _stop_on_signals()

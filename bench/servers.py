@@ -151,9 +151,9 @@ def _pombo(label: str, workdir: Path, settings: dict[str, str]) -> Server:
 
 
 @contextlib.contextmanager
-def pombo_sqlite(workdir: Path, settings: dict[str, str]) -> Iterator[Server]:
+def pombo_sqlite(workdir: Path, settings: dict[str, str], label: str = "pombo-sqlite") -> Iterator[Server]:
     """Pombo as `make run` starts it: SQLite in a data dir of its own, the in-process broker."""
-    with running(_pombo("pombo-sqlite", workdir, settings)) as server:
+    with running(_pombo(label, workdir, settings)) as server:
         yield server
 
 

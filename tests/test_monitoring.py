@@ -3,19 +3,24 @@ should, and every metric they name is one a real server's `/metrics` exports."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
-from conftest import ADMIN, ROOT, Server, need_tool
+from conftest import ADMIN, ROOT, Server, free_port, mint, need_tool
 from prometheus_client.parser import text_string_to_metric_families
 
 DASHBOARD = ROOT / "deploy" / "grafana-dashboard.json"
 ALERTS = ROOT / "deploy" / "prometheus-alerts.yml"
+PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 # Series Prometheus makes itself for every scrape target, not the target's.
 PROMETHEUS_OWN = {"up"}
 # What PromQL's grammar names besides metrics: operators written as words, and label lists.
@@ -49,7 +54,7 @@ def dashboard() -> dict[str, Any]:
     return loaded
 
 
-def rules() -> list[dict[str, Any]]:
+def rules_in_file() -> list[dict[str, Any]]:
     return [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
 
 
@@ -93,7 +98,7 @@ def dashboard_queries() -> list[str]:
 def test_the_alert_rules_pass_promtool_and_promtool_refuses_a_broken_one(tmp_path: Path) -> None:
     checked = promtool("check", "rules", str(ALERTS))
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert f"SUCCESS: {len(rules())} rules found" in checked.stdout
+    assert f"SUCCESS: {len(rules_in_file())} rules found" in checked.stdout
     broken = tmp_path / "broken.yml"
     broken.write_text(ALERTS.read_text().replace("> 900", "> > 900", 1))
     assert promtool("check", "rules", str(broken)).returncode != 0
@@ -142,7 +147,7 @@ def test_the_alerts_fire_on_the_series_they_watch(tmp_path: Path) -> None:
         ("8m", "PomboInternalErrors", None, ""),
         ("1m", "PomboOldestPendingTooOld", None, ""),
     ]
-    described = {rule["alert"]: rule["annotations"]["description"] for rule in rules()}
+    described = {rule["alert"]: rule["annotations"]["description"] for rule in rules_in_file()}
     suite = {
         "rule_files": [str(ALERTS)],
         "evaluation_interval": "1m",
@@ -218,9 +223,50 @@ async def test_every_metric_the_dashboard_and_the_alerts_name_is_exported(sqlite
         answer = await http.get("/metrics")
     assert answer.status_code == 200, answer.text
     offered = exported(answer.text) | PROMETHEUS_OWN
-    named_by = {"dashboard": dashboard_queries(), "alerts": [rule["expr"] for rule in rules()]}
+    named_by = {"dashboard": dashboard_queries(), "alerts": [rule["expr"] for rule in rules_in_file()]}
     for source, queries in named_by.items():
         names = set().union(*map(metric_names, queries))
         assert len(names) >= 8, (source, names)
         assert names <= offered, f"{source} names what /metrics does not export: {sorted(names - offered)}"
     assert not metric_names("rate(pombo_no_such_thing_total[5m])") <= offered
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path, sqlite_server: Server) -> Iterator[str]:
+    """A real Prometheus with deploy/prometheus.yml, scraping the test server every second."""
+    need_tool("prometheus")
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(ALERTS)]
+    [job] = config["scrape_configs"]
+    job["static_configs"] = [{"targets": [sqlite_server.url.removeprefix("http://")]}]
+    (tmp_path / job["authorization"]["credentials_file"]).write_text(mint("prometheus", "metrics"))
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    address = f"127.0.0.1:{free_port()}"
+    command = ["prometheus", "--config.file=prometheus.yml", f"--web.listen-address={address}"]
+    command.append(f"--storage.tsdb.path={tmp_path / 'data'}")
+    with (tmp_path / "prometheus.log").open("wb") as log:
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=log)
+    try:
+        yield f"http://{address}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+async def test_prometheus_scrapes_with_the_example_config_and_evaluates_every_rule(prometheus: str) -> None:
+    async with httpx.AsyncClient(base_url=prometheus) as http:
+        for _ in range(150):
+            with contextlib.suppress(httpx.HTTPError):
+                rules = (await http.get("/api/v1/rules")).json()["data"]["groups"][0]["rules"]
+                ready = (await http.get("/api/v1/query", params={"query": 'pombo_ready{job="pombo"}'})).json()
+                if ready["data"]["result"] and all(
+                    rule.get("lastEvaluation", "0001").startswith("20") for rule in rules
+                ):
+                    break
+            await asyncio.sleep(0.2)
+        else:
+            pytest.fail("Prometheus never scraped the server and evaluated the rules")
+    assert ready["data"]["result"][0]["value"][1] == "1"
+    assert len(rules) == len(rules_in_file()) and {rule["health"] for rule in rules} == {"ok"}
+    assert [rule["name"] for rule in rules if rule["state"] != "inactive"] == []
