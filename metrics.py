@@ -31,6 +31,7 @@ from starlette.types import Scope
 
 from schemas import Update
 
+_now = time.time
 # Queue names cannot start with "_": the rest of the queues can never be taken for one of them.
 OTHER = "_other"
 # How often the named queues are chosen again, at a scrape, from what each did meanwhile.
@@ -49,6 +50,8 @@ TRANSITIONS = {
 }
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 GROUP_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+# Any other method a client sends is `other`: a label's values stay few, whatever comes.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class Metrics:
@@ -187,11 +190,14 @@ class Recorder(Metrics):
             self.messages[self.queues.of(log.removeprefix("queue:"), count), TRANSITIONS[type_]] += count
 
     def delivered(self, update: Update) -> None:
+        # Once per frame a stream writes, up to 50,000 a second: Tally.observe, inlined.
         committed = update.committed_at
         if committed is None:  # read back from the database: a replay, not a delivery
             self.replays += 1
-        else:
-            self.delivery_lag.observe(max(time.time() - committed, 0.0))
+            return
+        lag, tally = _now() - committed, self.delivery_lag
+        tally.counts[bisect_left(tally.bounds, lag)] += 1  # a clock stepped back counts as 0
+        tally.total += lag if lag > 0 else 0.0
 
     def replayed(self, events: int) -> None:
         self.replays += events
@@ -205,7 +211,7 @@ class Recorder(Metrics):
     def request(self, scope: Scope, status: int, seconds: float) -> None:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"  # a 404 names no route: one label
-        method = scope["method"]
+        method = scope["method"] if scope["method"] in METHODS else "other"
         self.requests[template, method, str(status)] += 1
         tally = self.durations.get((template, method))
         if tally is None:
