@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from options import Options
-from results import CpuMeter, Result, Value, latency_ms, per_second
+from results import CpuMeter, Result, ServerCpu, Value, latency_ms, per_second
 from subscribers import Tally, open_streams, quiet_client_gc, wait_for_deliveries
 from throughput import Budget, fresh_queue
 from wire import Client, EventStream, Target
@@ -95,10 +95,10 @@ async def _fanout_to(target: Target, options: Options, subscribers: int) -> Resu
     try:
         await _warm_up(target, queue, tally, streams.opened, options.drain)
         with quiet_client_gc():
-            meter = CpuMeter()
+            meter, cpu = CpuMeter(), ServerCpu(options.server_pid)
             run = await publish_steady(target, queue, messages, options.rate)
             await wait_for_deliveries(tally, len(streams.opened) * run.stored, options.drain)
-            loadgen_cpu = meter.percent()
+            loadgen_cpu, server_cpu = meter.percent(), cpu.us_per(len(tally.latencies))
         dropped = streams.dropped()
     finally:
         streams.close()
@@ -115,6 +115,7 @@ async def _fanout_to(target: Target, options: Options, subscribers: int) -> Resu
         "errors": run.budget.errors + len(streams.errors),
         "dropped_streams": dropped,
         "loadgen_cpu_pct": loadgen_cpu,
+        "server_cpu_us_per_delivery": server_cpu,
     }
     params = {"subscribers": subscribers, "rate": options.rate, "seconds": options.duration}
     return Result("fanout", params, metrics, notes=_first(streams.errors, run.budget.first_error))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 Value = float | int | str | None
 
@@ -72,6 +74,33 @@ class CpuMeter:
         return round(100 * cpu / wall, 1) if wall > 0 else 0.0
 
 
+class ServerCpu:
+    """The server's CPU time over a measurement (user + system, from /proc), per operation.
+
+    What the server spent on each operation moves far less with the rest of the machine's load
+    than its latencies and rates do: the figure for an A/B of a change on a busy machine.
+    """
+
+    def __init__(self, pid: int | None) -> None:
+        self._pid = pid
+        self._started = self._seconds()
+
+    def _seconds(self) -> float | None:
+        if self._pid is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self._pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+    def us_per(self, operations: int) -> float | None:
+        now = self._seconds()
+        if now is None or self._started is None or operations <= 0:
+            return None
+        return round((now - self._started) / operations * 1e6, 1)
+
+
 def describe(values: dict[str, Value]) -> str:
     return " ".join(f"{k}={show(v)}" for k, v in values.items())
 
@@ -100,7 +129,17 @@ def table(results: Sequence[Result]) -> str:
 
 
 # The figures worth a ratio: rates, latencies and memory; counts and error tallies are not.
-RATIO_FIGURES = ("messages_per_s", "open_per_s", "p50_ms", "p95_ms", "p99_ms", "max_ms", "kib_per_stream")
+RATIO_FIGURES = (
+    "messages_per_s",
+    "open_per_s",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "max_ms",
+    "kib_per_stream",
+    "server_cpu_us_per_msg",
+    "server_cpu_us_per_delivery",
+)
 
 
 def ratios(results: Sequence[Result], baseline: str) -> str:

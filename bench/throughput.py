@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from options import Options
-from results import CpuMeter, Result, latency_ms, per_second
+from results import CpuMeter, Result, ServerCpu, latency_ms, per_second
 from wire import Client, HttpError, Target
 
 PUBLISH_BODY = b'{"body": "a small message from the load generator", "type": "bench.publish"}'
@@ -91,7 +91,7 @@ def _errors(budget: Budget) -> list[str]:
 
 async def publish(target: Target, options: Options) -> list[Result]:
     path = f"/api/v1/queues/{await fresh_queue(target, 'publish')}/messages"
-    budget = Budget(options.messages, options.duration)
+    budget, cpu = Budget(options.messages, options.duration), ServerCpu(options.server_pid)
     elapsed = await _measure(
         target, options.clients, budget, lambda c: _post_until_spent(c, path, PUBLISH_BODY, budget, 1)
     )
@@ -101,6 +101,7 @@ async def publish(target: Target, options: Options) -> list[Result]:
         **latency_ms(budget.latencies, 50, 99),
         "errors": budget.errors,
         "loadgen_cpu_pct": budget.loadgen_cpu,
+        "server_cpu_us_per_msg": cpu.us_per(len(budget.latencies)),
     }
     return [Result("publish", {"clients": options.clients}, metrics, notes=_errors(budget))]
 
