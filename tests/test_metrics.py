@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -224,3 +226,38 @@ def test_two_apps_in_one_process_keep_registries_of_their_own(tmp_path: Path) ->
     first, second = (create_app(Settings(data_dir=tmp_path / name)) for name in ("a", "b"))
     assert first.state.metrics.registry is not second.state.metrics.registry
     assert b"process_cpu_seconds_total" in first.state.metrics.render(Sample())
+
+
+async def scrape_until(
+    http: httpx.AsyncClient, ready: Callable[[Samples], bool], timeout: float = 20
+) -> Samples:
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = await scrape(http)
+        if ready(samples) or time.monotonic() > deadline:
+            return samples
+        await asyncio.sleep(0.2)
+
+
+async def test_a_redis_outage_shows_the_broker_down_failed_publishes_and_one_reconnect(
+    make_server: Any, pg_url: str, own_redis: Any
+) -> None:
+    server = make_server(database_url=pg_url, redis_url=own_redis.url, redis_prefix=unique()).start()
+    async with server.client() as http:
+        assert value(await scrape(http), "pombo_broker_connected") == 1
+        own_redis.stop()
+        assert (await http.post(f"/api/v1/queues/{unique()}/messages", content="x")).status_code == 201
+        down = await scrape_until(
+            http,
+            lambda s: (
+                value(s, "pombo_broker_connected") == 0
+                and value(s, "pombo_broker_publish_failures_total") >= 1
+            ),
+        )
+        assert value(down, "pombo_broker_connected") == 0
+        assert value(down, "pombo_broker_publish_failures_total") >= 1
+        assert value(down, "pombo_ready") == 1  # degraded, still ready: streams follow the database
+        own_redis.start()
+        back = await scrape_until(http, lambda s: value(s, "pombo_broker_connected") == 1)
+    assert value(back, "pombo_broker_connected") == 1
+    assert value(back, "pombo_broker_reconnects_total") == 1
