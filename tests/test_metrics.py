@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import ADMIN, Listener, Server, assert_error, auth, mint, sql, unique
+from conftest import ADMIN, Listener, Server, assert_error, auth, mint, need_tool, sql, unique
+from faults.services import PostgresCluster, postgres_tool
 from prometheus_client.parser import text_string_to_metric_families
 
 from main import create_app
@@ -261,3 +262,37 @@ async def test_a_redis_outage_shows_the_broker_down_failed_publishes_and_one_rec
         back = await scrape_until(http, lambda s: value(s, "pombo_broker_connected") == 1)
     assert value(back, "pombo_broker_connected") == 1
     assert value(back, "pombo_broker_reconnects_total") == 1
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster of this test's own, on a free port: it may stop it."""
+    need_tool("initdb", postgres_tool("initdb") is not None)
+    cluster = PostgresCluster()
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+async def test_metrics_still_answer_while_the_database_is_down(
+    make_server: Any, own_postgres: PostgresCluster
+) -> None:
+    server = make_server(database_url=own_postgres.create_database("pombo_metrics")).start()
+    queue, backlog = unique(), "pombo_queue_messages"
+    async with server.client() as http:
+        assert (await http.post(f"/api/v1/queues/{queue}/messages", content="x")).status_code == 201
+        assert value(await scrape(http), backlog, queue=queue, status="pending") == 1
+        own_postgres.stop()
+        assert (await http.post(f"/api/v1/queues/{queue}/messages", content="y")).status_code == 503
+        began = time.monotonic()
+        down = await scrape(http)  # answered, without what only the database knows
+        assert time.monotonic() - began < 5
+        assert value(down, "pombo_ready") == 0
+        assert not [name for name, _ in down if name == backlog]
+        assert total(down, "pombo_http_requests_total", status="503") >= 1
+        own_postgres.start()
+        back = await scrape_until(http, lambda s: value(s, backlog, queue=queue, status="pending") == 1)
+    assert value(back, backlog, queue=queue, status="pending") == 1
