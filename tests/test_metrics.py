@@ -6,20 +6,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import faults.conftest as fault_suite
 import httpx
 import pytest
-from conftest import ADMIN, Listener, Server, assert_error, auth, mint, need_tool, sql, unique
-from faults.services import PostgresCluster, postgres_tool
+from conftest import ADMIN, Listener, Server, assert_error, auth, mint, sql, unique
+from faults.services import PostgresCluster
 from prometheus_client.parser import text_string_to_metric_families
 
 from main import create_app
 from metrics import OTHER, QueueLabels, Recorder, Sample
 from schemas import Update
 from settings import Settings
+
+# A PostgreSQL cluster of the fault suite's own, which a test may stop: its fixtures, by name.
+pg_cluster, pg_fault_url = fault_suite.pg_cluster, fault_suite.pg_fault_url
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -264,23 +268,12 @@ async def test_a_redis_outage_shows_the_broker_down_failed_publishes_and_one_rec
     assert value(back, "pombo_broker_reconnects_total") == 1
 
 
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresCluster]:
-    """A PostgreSQL cluster of this test's own, on a free port: it may stop it."""
-    need_tool("initdb", postgres_tool("initdb") is not None)
-    cluster = PostgresCluster()
-    try:
-        cluster.init()
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()
-
-
 async def test_metrics_still_answer_while_the_database_is_down(
-    make_server: Any, own_postgres: PostgresCluster
+    make_server: Any, pg_cluster: PostgresCluster, pg_fault_url: str
 ) -> None:
-    server = make_server(database_url=own_postgres.create_database("pombo_metrics")).start()
+    """On a PostgreSQL of the fault suite's own (its fixtures), which this test stops."""
+    own_postgres = pg_cluster
+    server = make_server(database_url=pg_fault_url).start()
     queue, backlog = unique(), "pombo_queue_messages"
     async with server.client() as http:
         assert (await http.post(f"/api/v1/queues/{queue}/messages", content="x")).status_code == 201
