@@ -6,8 +6,9 @@ records nothing (`POMBO_METRICS=false`); `Recorder` keeps the figures.
 
 The hot paths keep plain integers, not prometheus-client's metric objects: a `Histogram.observe`
 took 1.5 µs (it takes a lock) against 0.4 µs for all of `Recorder.delivered`, and a stream
-delivery is about 14 µs in all (NOTES.md). Everything is touched from the event loop only, so nothing needs a lock; the
-library turns the figures into families at scrape time and writes the exposition format.
+delivery is about 14 µs in all (NOTES.md). Everything is touched from the event loop only, so
+nothing needs a lock; the library turns the figures into families at scrape time and writes the
+exposition format.
 """
 
 from __future__ import annotations
