@@ -72,6 +72,7 @@ from settings import ClientSettings, Settings, SettingsError, load_settings, tor
 from streams import DirectSend, StreamGate
 from sweeper import Sweeper
 from tokens import Revocations, TokenStore, issue_token
+from tracing import Tracing
 from worker import Worker, WorkerError, WorkerOptions
 from writer import Writer
 
@@ -124,6 +125,7 @@ def create_app(settings: Settings) -> FastAPI:
     except ValueError as error:
         raise SettingsError(f"invalid setting POMBO_ANONYMOUS_SCOPES: {error}") from None
     app.state.availability = Availability()
+    app.state.tracing = Tracing(bool(settings.otel_exporter_otlp_endpoint), settings.otel_service_name)
     install_error_handlers(app)
     # Routes match in order: the busiest first (publish, claim, ack), about 40 µs less a publish.
     modules = (api_messages, api_consume, api_queues, api_notifications, api_tokens, api_system)
@@ -135,7 +137,7 @@ def create_app(settings: Settings) -> FastAPI:
     # Lists, exports and docs assets; never a stream (Starlette excludes text/event-stream).
     app.add_middleware(GzipReads, minimum_size=GZIP_MIN_BYTES, compresslevel=GZIP_LEVEL)
     # Its request id and access line cover the rest.
-    app.add_middleware(RequestContext, availability=app.state.availability)
+    app.add_middleware(RequestContext, availability=app.state.availability, tracing=app.state.tracing)
     if settings.allowed_origins:
         # Outside RequestContext, so that a 500 it answers is readable cross-origin too.
         app.add_middleware(
@@ -154,8 +156,9 @@ def create_app(settings: Settings) -> FastAPI:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    async with replicas_share_a_broker(settings), _running_app(app, settings):
-        yield
+    with app.state.tracing.started():
+        async with replicas_share_a_broker(settings), _running_app(app, settings):
+            yield
 
 
 @asynccontextmanager

@@ -274,6 +274,9 @@ def shell_text(body: str, content_type: str) -> str:
 
 class ClaimedMessage(MessageOut):
     lease_id: str = Field(description="send it with ack, nack and extend")
+    traceparent: str | None = Field(
+        description="W3C traceparent of the publish: the worker's own span continues this trace"
+    )
 
 
 class ClaimIn(Strict):
