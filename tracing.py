@@ -142,18 +142,19 @@ def span(name: str, **attributes: str | int) -> contextlib.AbstractContextManage
 
 
 def link(traceparents: Iterable[str | None]) -> None:
-    """The request handed out messages of these traces: its access line names them, its span
-    links to them (OpenTelemetry's way for one consumer span of many producers)."""
+    """The request handed out messages stored with these traceparents (ours, so version 00): its
+    access line names their traces, its span links to them (OpenTelemetry's way for one consumer
+    span of many producers)."""
     trace = _current.get()
-    parents = [p for p in (parse(t) for t in traceparents if t) if p is not None]
-    if trace is None or not parents:
+    if trace is None:
         return
-    trace.linked += dict.fromkeys(p.trace_id for p in parents)
+    stored = [t for t in traceparents if t]
+    trace.linked += dict.fromkeys(t[3:35] for t in stored)
     if trace.tracer is not None:
         from opentelemetry import trace as otel
 
         active = otel.get_current_span()
-        for parent in parents:
+        for parent in filter(None, map(parse, stored)):
             active.add_link(_span_context(parent))
 
 
