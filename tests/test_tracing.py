@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -284,3 +286,50 @@ async def test_without_the_optional_packages_tracing_is_off_and_the_trace_still_
     assert item["traceparent"].startswith(f"00-{TRACE}-")
     off = "tracing is off: OTEL_EXPORTER_OTLP_ENDPOINT is set, but the OpenTelemetry SDK is not installed"
     assert off in server.log()
+
+
+class _Collector(BaseHTTPRequestHandler):
+    """An OTLP/HTTP collector's trace endpoint: records (path, span name, trace id, parent id)."""
+
+    received: list[tuple[str, str, str, str]]
+
+    def do_POST(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        body = self.rfile.read(int(self.headers["content-length"]))
+        for resource in ExportTraceServiceRequest.FromString(body).resource_spans:
+            for scope in resource.scope_spans:
+                self.received += [
+                    (self.path, s.name, s.trace_id.hex(), s.parent_span_id.hex()) for s in scope.spans
+                ]
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+async def test_spans_reach_an_otlp_collector_at_the_configured_endpoint(tmp_path: Path) -> None:
+    need_tool(
+        "opentelemetry-exporter-otlp", present=importlib.util.find_spec("opentelemetry.proto") is not None
+    )
+    received: list[tuple[str, str, str, str]] = []
+    collector = ThreadingHTTPServer(
+        ("127.0.0.1", 0), type("Collector", (_Collector,), {"received": received})
+    )
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{collector.server_address[1]}"
+    server = Server(tmp_path / "data", {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}).start()
+    try:
+        async with server.client() as http:
+            queue = await create_queue(http)
+            url = f"/api/v1/queues/{queue}/messages"
+            assert (await http.post(url, content=b"x", headers={"traceparent": SENT})).status_code == 201
+    finally:
+        server.stop()  # the last spans are sent as tracing shuts down
+        collector.shutdown()
+        collector.server_close()
+    published = ("/v1/traces", "POST /api/v1/queues/{queue}/messages", TRACE, "00f067aa0ba902b7")
+    assert published in received, received
+    assert "tracing: spans are exported over OTLP" in server.log()
