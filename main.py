@@ -94,6 +94,8 @@ CORS_REQUEST_HEADERS = [
     "Content-Type",
     "Idempotency-Key",
     "Last-Event-ID",  # EventSource sends it when it resumes: not a safelisted header
+    "traceparent",  # and "tracestate": what a traced page's fetch sends (W3C Trace Context)
+    "tracestate",
     "X-Delay",
     "X-Priority",
     "X-Request-ID",

@@ -333,3 +333,21 @@ async def test_spans_reach_an_otlp_collector_at_the_configured_endpoint(tmp_path
     published = ("/v1/traces", "POST /api/v1/queues/{queue}/messages", TRACE, "00f067aa0ba902b7")
     assert published in received, received
     assert "tracing: spans are exported over OTLP" in server.log()
+
+
+async def test_a_traced_page_on_an_allowed_origin_may_send_its_traceparent(make_server: Any) -> None:
+    page = "https://app.example.com"
+    server = make_server(cors_origins=page).start()
+    async with server.client() as http:
+        queue = await create_queue(http)
+        preflight = await http.options(
+            f"/api/v1/queues/{queue}/messages",
+            headers={
+                "Origin": page,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, traceparent, tracestate",
+            },
+        )
+    assert preflight.status_code == 200, preflight.text
+    allowed = preflight.headers["access-control-allow-headers"].lower()
+    assert "traceparent" in allowed and "tracestate" in allowed
