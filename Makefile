@@ -12,7 +12,7 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements.txt
 
 install-dev: $(BIN)/python
-	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet -r requirements-dev.txt -r requirements-otel.txt
 
 run: install
 	$(BIN)/python main.py serve

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
+from pydantic_core import to_json
+
+from schemas import JSON, shell_text
 
 RECONNECT_SECONDS = 1.0
 
@@ -40,6 +42,12 @@ class PomboClient:
         return await self._call(
             "POST", f"/api/v1/queues/{queue}/messages", content=body.encode(), headers=text
         )
+
+    async def publish_json(
+        self, queue: str, envelope: dict[str, Any], headers: dict[str, str]
+    ) -> dict[str, Any]:
+        """Publish the JSON envelope `{"body": …, "type"?, "priority"?, "delay"?}`."""
+        return await self._call("POST", f"/api/v1/queues/{queue}/messages", json=envelope, headers=headers)
 
     async def claim(
         self, queue: str, wait: float, visibility_timeout: float | None, most: int = 1
@@ -119,8 +127,8 @@ def _error(response: httpx.Response) -> PomboError:
 
 
 def body_text(message: dict[str, Any]) -> str:
-    """A message's body as its publisher sent it: JSON stays JSON text, text stays text."""
-    body = message["body"]
-    return (
-        json.dumps(body, ensure_ascii=False) if message["content_type"] == "application/json" else str(body)
-    )
+    """A claimed message's body as a command's stdin takes it (`schemas.shell_text`)."""
+    body, content_type = message["body"], message["content_type"]
+    # Encoded back as the server stored it: compact, UTF-8 (pydantic's encoder, as Draft uses).
+    stored = to_json(body).decode() if content_type == JSON else str(body)
+    return shell_text(stored, content_type)

@@ -37,7 +37,7 @@ from errors import bad_request
 from hub import MessageFilter, filtered_messages, queue_log
 from models import Event, Message, MessageStatus, NotificationPriority, Priority, Queue, utcnow
 from notifications import NotificationFilter, filtered_notifications
-from schemas import utc_text
+from schemas import shell_text, utc_text
 
 Format = Literal["json", "csv", "xlsx"]
 Cell = str | int | float | datetime | None
@@ -332,7 +332,7 @@ MESSAGE_COLUMNS = (
     Column("priority", 10, PRIORITY_FILLS, tuple(p.name for p in Priority), lambda p: Priority(p).name),
     Column("type", 18),
     Column("attempts", 9),
-    Column("body", 60),  # a JSON body is stored, and exported, as compact JSON text
+    Column("body", 60),  # as a shell takes it (schemas.shell_text)
     Column("content_type", 26),
     Column("available_at", TIME_WIDTH),
     Column("finished_at", TIME_WIDTH),
@@ -352,7 +352,20 @@ async def message_export(queue: Queue, where: MessageFilter, cap: int) -> Export
     # Ids are UUIDv7: id order is creation order, and a unique key to page by.
     rows = paged(query, "id", [column.name for column in MESSAGE_COLUMNS])
     about = (("Queue", queue.name), ("Filters", _described(where)))
-    return Export(f"{queue.name}-messages", "Messages", MESSAGE_COLUMNS, rows, about)
+    return Export(f"{queue.name}-messages", "Messages", MESSAGE_COLUMNS, _shell_bodies(rows), about)
+
+
+_BODY, _CONTENT_TYPE = (
+    [column.name for column in MESSAGE_COLUMNS].index(n) for n in ("body", "content_type")
+)
+
+
+async def _shell_bodies(rows: AsyncIterator[Row]) -> AsyncIterator[Row]:
+    """Each row's body as its content type says a person reads it: a JSON string without quotes."""
+    async for row in rows:
+        shown = list(row)
+        shown[_BODY] = shell_text(str(row[_BODY]), str(row[_CONTENT_TYPE]))
+        yield shown
 
 
 async def event_export(queue: Queue, after: int, cap: int) -> Export:

@@ -15,6 +15,7 @@ from typing import Any
 from tortoise.functions import Count
 from tortoise.queryset import QuerySet
 
+import tracing
 from auth import Principal
 from broker import Broker
 from count_cache import CountCache
@@ -127,12 +128,13 @@ class Hub:
         _reject_repeated_keys(drafts)
         # Built before the writer's turn, so that this work overlaps other groups' database
         # time instead of adding to it. A message's time is when it arrived.
-        arrived = utcnow()
+        arrived, trace = utcnow(), tracing.current()  # each message keeps its publish's trace
         prepared: list[_Fresh] = []
         for start in range(0, len(drafts), _PREPARE_SLICE):
             if start:
                 await asyncio.sleep(0)  # let the writer take its next step in between
-            prepared += [_Fresh.of(draft, name, arrived) for draft in drafts[start : start + _PREPARE_SLICE]]
+            some = drafts[start : start + _PREPARE_SLICE]
+            prepared += [_Fresh.of(draft, name, arrived, trace) for draft in some]
 
         async def publish(tx: Tx) -> list[Published]:
             queue = await live_queue_in(tx, name, create_for=owner)
@@ -291,7 +293,7 @@ class _Fresh:
     published: Published
 
     @classmethod
-    def of(cls, draft: Draft, queue: str, now: datetime) -> _Fresh:
+    def of(cls, draft: Draft, queue: str, now: datetime, traceparent: str | None) -> _Fresh:
         row = NewMessage(
             id=new_id(),
             queue_id=0,  # known inside the transaction that finds or creates the queue
@@ -304,6 +306,7 @@ class _Fresh:
             available_at=draft.available_at(now),
             created_at=now,
             updated_at=now,
+            traceparent=traceparent,
         )
         return cls(row, Published(row.id, MessageOut.json_of(row, queue), created=True))
 

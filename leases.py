@@ -18,6 +18,7 @@ from typing import Any
 
 from tortoise.fields import DatetimeField
 
+import tracing
 from broker import Broker, Subscriber
 from errors import conflict, not_found, validation_error
 from hub import emit_message, live_queue_in, queue_log
@@ -54,7 +55,15 @@ class Leases:
         self.broker = broker
 
     async def claim(self, name: str, request: Claim) -> list[ClaimedMessage]:
-        """Claim now; if nothing is there, wait up to `request.wait` for work to arrive."""
+        """Claim now; if nothing is there, wait up to `request.wait` for work to arrive.
+
+        The claim's log lines and span name the traces of the messages it hands out."""
+        with tracing.span(f"claim {name}", **{"messaging.destination.name": name}):
+            claimed = await self._claim(name, request)
+            tracing.link(message.traceparent for message in claimed)
+        return claimed
+
+    async def _claim(self, name: str, request: Claim) -> list[ClaimedMessage]:
         if request.wait <= 0:  # no subscription: every event of the queue would visit it
             claimed, _ = await self.writer.run(partial(_claim, name, request))
             return claimed
@@ -138,7 +147,9 @@ async def _claim(name: str, request: Claim, tx: Tx) -> tuple[list[ClaimedMessage
     claimed = []
     for message in messages:
         resource = emit_message(tx, message, name, "message.claimed")
-        claimed.append(ClaimedMessage(**resource.model_dump(), lease_id=lease))
+        claimed.append(
+            ClaimedMessage(**resource.model_dump(), lease_id=lease, traceparent=message.traceparent)
+        )
     return claimed, None
 
 

@@ -5,7 +5,7 @@ python main.py token --sub NAME --scope "…"    print a signed token
 python main.py migrate                         apply migrations and exit
 python main.py backup PATH                     copy the SQLite database, also while serving
 python main.py restore PATH                    put a copy back (the server stopped)
-python main.py publish QUEUE [BODY]            publish BODY (or stdin)
+python main.py publish QUEUE [BODY] [--json]     publish BODY (or stdin), as text or as JSON
 python main.py subscribe QUEUE                 print the queue's events as JSON lines
 python main.py work QUEUE -- COMMAND [ARGS…]   run COMMAND once per message
 """
@@ -69,11 +69,12 @@ from metrics import Metrics, Recorder
 from models import Token
 from notifications import Notifications
 from observability import LogFile, RequestContext, configure_logging
-from schemas import token_lifetime, token_subject
+from schemas import parse_duration, token_lifetime, token_subject
 from settings import ClientSettings, Settings, SettingsError, load_settings, tortoise_config
 from streams import DirectSend, StreamGate
 from sweeper import Sweeper
 from tokens import Revocations, TokenStore, issue_token
+from tracing import Tracing
 from worker import Worker, WorkerError, WorkerOptions
 from writer import Writer
 
@@ -95,6 +96,8 @@ CORS_REQUEST_HEADERS = [
     "Content-Type",
     "Idempotency-Key",
     "Last-Event-ID",  # EventSource sends it when it resumes: not a safelisted header
+    "traceparent",  # and "tracestate": what a traced page's fetch sends (W3C Trace Context)
+    "tracestate",
     "X-Delay",
     "X-Priority",
     "X-Request-ID",
@@ -128,6 +131,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.availability = Availability()
     # Its own registry per app, not prometheus-client's global one: two apps never collide.
     app.state.metrics = Recorder(settings.metrics_queues) if settings.metrics else Metrics()
+    app.state.tracing = Tracing(bool(settings.otel_exporter_otlp_endpoint), settings.otel_service_name)
     install_error_handlers(app)
     # Routes match in order: the busiest first (publish, claim, ack), about 40 µs less a publish.
     modules: tuple[ModuleType, ...] = (api_messages, api_consume, api_queues, api_notifications, api_tokens)
@@ -140,7 +144,12 @@ def create_app(settings: Settings) -> FastAPI:
     # Lists, exports and docs assets; never a stream (Starlette excludes text/event-stream).
     app.add_middleware(GzipReads, minimum_size=GZIP_MIN_BYTES, compresslevel=GZIP_LEVEL)
     # Its request id and access line cover the rest.
-    app.add_middleware(RequestContext, availability=app.state.availability, metrics=app.state.metrics)
+    app.add_middleware(
+        RequestContext,
+        availability=app.state.availability,
+        tracing=app.state.tracing,
+        metrics=app.state.metrics,
+    )
     if settings.allowed_origins:
         # Outside RequestContext, so that a 500 it answers is readable cross-origin too.
         app.add_middleware(
@@ -159,8 +168,9 @@ def create_app(settings: Settings) -> FastAPI:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    async with replicas_share_a_broker(settings), _running_app(app, settings):
-        yield
+    with app.state.tracing.started():
+        async with replicas_share_a_broker(settings), _running_app(app, settings):
+            yield
 
 
 @asynccontextmanager
@@ -335,16 +345,39 @@ def _client_commands(commands: Any) -> None:
     publish.add_argument("--priority", choices=["low", "normal", "high", "urgent"], default=None)
     publish.add_argument("--delay", default=None, help="e.g. 30s, 5m")
     publish.add_argument("--idempotency-key", default=None)
+    publish.add_argument("--json", action="store_true", help="the body is JSON, published as a JSON body")
     subscribe = commands.add_parser(
         "subscribe", parents=[remote], help="print events as JSON lines, resuming"
     )
     subscribe.add_argument("queue")
     subscribe.add_argument("--from-start", action="store_true", help="the whole retained log first")
-    work = commands.add_parser("work", parents=[remote], help="run a command once per message")
-    work.add_argument("queue")
-    work.add_argument("--concurrency", type=int, default=1)
-    work.add_argument("--visibility-timeout", type=float, default=30.0)
+    work = commands.add_parser(
+        "work",
+        parents=[remote],
+        help="run a command once per message",
+        usage="%(prog)s QUEUE [options] -- COMMAND [ARGS…]",
+        description=WORK_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    work.add_argument("queue", help="the queue to work through")
+    work.add_argument("--concurrency", type=int, default=1, metavar="N", help="commands at once (1)")
+    work.add_argument(
+        "--visibility-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="lease, kept while running (30)",
+    )
     work.add_argument("--batch", type=int, default=10, help="messages per claim; 1 for long commands")
+
+
+WORK_DESCRIPTION = """\
+Claim messages from QUEUE and run COMMAND once for each: the body on its stdin (a JSON string
+as the string itself), the metadata in POMBO_* variables. Exit 0 acks; anything else nacks with
+the last stderr line. Everything after `--` is the command.
+
+example:
+  python main.py work backups --concurrency 2 -- sh -c 'echo "job $POMBO_MESSAGE_ID: $(cat)"'"""
 
 
 def _run_client(args: argparse.Namespace) -> int:
@@ -354,7 +387,7 @@ def _run_client(args: argparse.Namespace) -> int:
         asyncio.run(_subscribe(args))
         return 0
     if not args.program or args.concurrency < 1 or not 1 <= args.batch <= 100:
-        raise ValueError(
+        raise UsageError(
             "usage: python main.py work QUEUE [--concurrency N] [--batch 1..100] -- COMMAND [ARGS…]"
         )
     options = WorkerOptions(
@@ -365,17 +398,41 @@ def _run_client(args: argparse.Namespace) -> int:
 
 
 async def _publish(args: argparse.Namespace) -> int:
-    body = args.body if args.body is not None else sys.stdin.read()
-    given = {
-        "X-Type": args.type,
-        "X-Priority": args.priority,
-        "X-Delay": args.delay,
-        "Idempotency-Key": args.idempotency_key,
-    }
+    text = args.body if args.body is not None else sys.stdin.read()
+    key = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key is not None else {}
     async with PomboClient(args.url, args.token) as client:
-        message = await client.publish(args.queue, body, {k: v for k, v in given.items() if v is not None})
+        if args.json:
+            message = await client.publish_json(args.queue, _envelope(args, _json_body(text)), key)
+        else:
+            given = {"X-Type": args.type, "X-Priority": args.priority, "X-Delay": args.delay}
+            headers = key | {k: v for k, v in given.items() if v is not None}
+            message = await client.publish(args.queue, text, headers)
     print(message["id"])
     return 0
+
+
+def _envelope(args: argparse.Namespace, body: Any) -> dict[str, Any]:
+    """The JSON publish body (DECISIONS.md §8): the options become its fields."""
+    given = {"type": args.type, "priority": args.priority}
+    envelope = {"body": body} | {k: v for k, v in given.items() if v is not None}
+    if args.delay is not None:
+        envelope["delay"] = parse_duration(args.delay)
+    return envelope
+
+
+class UsageError(ValueError):
+    """A command line that cannot work as given: one line, exit status 2."""
+
+
+def _json_body(text: str) -> Any:
+    try:
+        return json.loads(text, parse_constant=_not_json)
+    except ValueError as error:
+        raise UsageError(f"--json: the body is not valid JSON: {error}") from None
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON value")  # Python's json reads NaN and Infinity
 
 
 async def _subscribe(args: argparse.Namespace) -> None:
@@ -403,10 +460,25 @@ async def _work(args: argparse.Namespace, options: WorkerOptions) -> None:
         await Worker(client, options).run()
 
 
+def _parsed(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Options anywhere: argparse takes `publish QUEUE` and its optional BODY in one go, so a BODY
+    after an option (`publish q --json '{}'`) would be left over. Such a BODY is taken here."""
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "publish" and args.body is None and len(rest) == 1 and _positional(rest[0]):
+        args.body, rest = rest[0], []
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+def _positional(arg: str) -> bool:
+    return not arg.startswith("-") or arg[1:2].isdigit()  # `-5` is a body, as argparse reads it
+
+
 def run(argv: Sequence[str]) -> int:
     # Everything after `--` is the worker's command, options included.
     split = list(argv).index("--") if "--" in argv else len(argv)
-    args = _parser().parse_args(argv[:split])
+    args = _parsed(_parser(), argv[:split])
     args.program = list(argv[split + 1 :])
     if args.command in ("publish", "subscribe", "work"):
         configure_logging(json_lines=False)
@@ -415,7 +487,7 @@ def run(argv: Sequence[str]) -> int:
             return _run_client(args)
         except (PomboError, WorkerError, ValueError) as error:
             print(f"pombo: {error}", file=sys.stderr)
-            return 1
+            return 2 if isinstance(error, UsageError) else 1
     try:
         settings = load_settings()
         if args.command == "token":

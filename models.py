@@ -100,6 +100,7 @@ class NewMessage:
     lease_expires_at: datetime | None = None
     last_error: str | None = None
     finished_at: datetime | None = None
+    traceparent: str | None = None
 
 
 class Message(Model):
@@ -124,6 +125,8 @@ class Message(Model):
     created_at = fields.DatetimeField()
     updated_at = fields.DatetimeField()
     finished_at = fields.DatetimeField(null=True)
+    # The W3C traceparent of the publish (tracing.py), handed to the worker that claims it.
+    traceparent = fields.CharField(max_length=55, null=True)
 
     class Meta:
         table = "messages"

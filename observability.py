@@ -1,4 +1,4 @@
-"""Logging through loguru, a request id on every response and log line, one access line each."""
+"""Logging through loguru; a request id and a trace id on every request's log lines, one access line each."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from availability import Availability, refusal, unavailable_cause
 from errors import envelope, internal_error
 from metrics import Metrics
 from settings import SettingsError
+from tracing import RequestTrace, Tracing, from_headers
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -99,8 +100,8 @@ class LogFile:
 def configure_logging(json_lines: bool, level: str = "INFO", file: LogFile | None = None) -> None:
     """Lines to stderr, or to a rotated file; standard logging (uvicorn, Tortoise) goes the same way."""
     logger.remove()
-    logger.configure(extra={"request_id": "-"})
-    fmt = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {extra[request_id]} | {message}"
+    logger.configure(extra={"request_id": "-", "trace_id": "-"})
+    fmt = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {extra[request_id]} | {extra[trace_id]} | {message}"
     options: dict[str, Any] = {"level": level, "serialize": json_lines, "format": fmt, "diagnose": False}
     if file is None:
         logger.add(BatchedSink(sys.stderr), backtrace=False, **options)
@@ -141,16 +142,21 @@ _access = logger.bind(access=True)  # batched by BatchedSink
 
 
 class RequestContext:
-    """Gives each request an id (echoing a sane client one), logs one line when it ends.
+    """Gives each request an id (echoing a sane client one) and a trace (tracing.py), both in
+    every line it logs, and logs one line when it ends.
 
-    The access line has the path without its query string: `access_token` must never be logged.
-    An error that says the database is unavailable is answered 503 and counted against its
-    episode; any other is logged with its traceback and answered 500.
+    The access line has the path without its query string: `access_token` must never be logged;
+    a claim's also names the traces of the messages it handed out. An error that says the
+    database is unavailable is answered 503 and counted against its episode; any other is logged
+    with its traceback and answered 500.
     """
 
-    def __init__(self, app: ASGIApp, availability: Availability, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, availability: Availability, tracing: Tracing, metrics: Metrics | None = None
+    ) -> None:
         self.app = app
         self.availability = availability
+        self.tracing = tracing
         self.metrics = metrics or Metrics()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -169,7 +175,11 @@ class RequestContext:
                     self.availability.refused()
             await send(message)
 
-        with logger.contextualize(request_id=request_id):
+        method, path = scope["method"], scope["path"]
+        with (
+            self.tracing.request(method, path, from_headers(scope["headers"])) as trace,
+            logger.contextualize(request_id=request_id, trace_id=trace.own.trace_id),
+        ):
             try:
                 await self.app(scope, receive, send_with_id)
             except Exception as error:  # noqa: BLE001 - answered here, so a 500 carries the id too
@@ -180,7 +190,8 @@ class RequestContext:
                 elapsed = time.perf_counter() - began
                 answered = status[0] if status else 500
                 self.metrics.request(scope, answered, elapsed)
-                _access.info("{} {} {} {:.1f}ms", scope["method"], scope["path"], answered, elapsed * 1000)
+                trace.answered(method, getattr(scope.get("route"), "path", None), answered)
+                _access.info("{} {} {} {:.1f}ms{}", method, path, answered, elapsed * 1000, _linked(trace))
 
     def _answer(self, error: Exception) -> Response:
         dependency = unavailable_cause(error)
@@ -189,6 +200,10 @@ class RequestContext:
             return internal_error()
         self.availability.failed(dependency, error)
         return envelope(refusal(dependency))
+
+
+def _linked(trace: RequestTrace) -> str:
+    return f" traces {','.join(trace.linked)}" if trace.linked else ""
 
 
 def _request_id(scope: Scope) -> str:

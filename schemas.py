@@ -262,8 +262,21 @@ def _message_fields(message: Message | NewMessage, queue: str, deleted_at: datet
     }
 
 
+def shell_text(body: str, content_type: str) -> str:
+    """A stored body as a shell or a spreadsheet cell takes it (DECISIONS.md §22): a JSON string
+    is that string, without its quotes; any other JSON value its compact JSON text, as stored; a
+    text body the text as published."""
+    if content_type == JSON and body.startswith('"'):
+        text: str = from_json(body)
+        return text
+    return body
+
+
 class ClaimedMessage(MessageOut):
     lease_id: str = Field(description="send it with ack, nack and extend")
+    traceparent: str | None = Field(
+        description="W3C traceparent of the publish: the worker's own span continues this trace"
+    )
 
 
 class ClaimIn(Strict):

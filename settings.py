@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Environment = Literal["development", "test", "production"]
@@ -93,6 +93,15 @@ class Settings(BaseSettings):
     log_file: Path | None = None
     log_rotation: str = "100 MB"
     log_retention: str = "14 days"
+    # OpenTelemetry's own variables, read here only to switch tracing on (tracing.py); the SDK
+    # reads the endpoint and the other OTEL_* variables itself.
+    otel_exporter_otlp_endpoint: str = Field(
+        default="",
+        validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "otel_exporter_otlp_endpoint"),
+    )
+    otel_service_name: str = Field(
+        default="pombo", validation_alias=AliasChoices("OTEL_SERVICE_NAME", "otel_service_name")
+    )
 
     @field_validator("database_url")
     @classmethod

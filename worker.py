@@ -1,7 +1,8 @@
 """`python main.py work QUEUE -- COMMAND`: run a command once per message.
 
 Each slot claims up to `batch` messages at a time and runs the command for each in turn. The body
-goes to the command's stdin and the metadata to `POMBO_*` environment variables. Exit 0 acks
+goes to the command's stdin and the metadata to `POMBO_*` environment variables, the message's
+trace as `POMBO_TRACEPARENT` (W3C Trace Context, with this run as the parent span). Exit 0 acks
 (a batch's successes in one request when it is done); anything else nacks with the command's
 last stderr line. The leases of a batch are extended until its messages are settled. The first
 SIGINT/SIGTERM stops claiming, lets running commands finish and gives back messages not yet
@@ -22,8 +23,10 @@ from typing import Any
 
 from loguru import logger
 
+import tracing
 from client import PomboClient, PomboError, body_text
 from schemas import HEADER_NAME_PATTERN
+from tracing import TraceParent
 
 # Long enough to be cheap when idle, short enough that a stop is quick.
 CLAIM_WAIT_SECONDS = 2.0
@@ -115,13 +118,15 @@ class Worker:
         if self._stopping.is_set():
             await self._release(message, "worker stopped before running it")
             return False
-        code, error = await self._execute(message)
-        if code is None:
-            await self._release(message, "worker stopped while running it")
-        elif code != 0:
-            await self._settle(
-                self._client.nack(self._options.queue, message["id"], message["lease_id"], error)
-            )
+        own = own_span(message)
+        with logger.contextualize(trace_id=own.trace_id):  # what the worker says of it, traced
+            code, error = await self._execute(message, own)
+            if code is None:
+                await self._release(message, "worker stopped while running it")
+            elif code != 0:
+                await self._settle(
+                    self._client.nack(self._options.queue, message["id"], message["lease_id"], error)
+                )
         return code == 0
 
     async def _ack(self, succeeded: list[dict[str, Any]]) -> None:
@@ -139,14 +144,14 @@ class Worker:
             for message in succeeded:
                 await self._settle(self._client.ack(self._options.queue, message["id"], message["lease_id"]))
 
-    async def _execute(self, message: dict[str, Any]) -> tuple[int | None, str]:
+    async def _execute(self, message: dict[str, Any], own: TraceParent) -> tuple[int | None, str]:
         """Run the command; (exit status, last stderr line), or (None, …) when aborted."""
         try:
             process = await asyncio.create_subprocess_exec(
                 *self._options.command,
                 stdin=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env={**os.environ, **message_environment(message)},
+                env={**os.environ, **message_environment(message, own)},
                 start_new_session=True,  # so a stop reaches the command's own children too
             )
         except OSError as error:
@@ -231,7 +236,7 @@ async def _last_line(process: asyncio.subprocess.Process) -> str:
     return last
 
 
-def message_environment(message: dict[str, Any]) -> dict[str, str]:
+def message_environment(message: dict[str, Any], own: TraceParent) -> dict[str, str]:
     env = {
         "POMBO_QUEUE": str(message["queue"]),
         "POMBO_MESSAGE_ID": str(message["id"]),
@@ -240,9 +245,17 @@ def message_environment(message: dict[str, Any]) -> dict[str, str]:
         "POMBO_ATTEMPTS": str(message["attempts"]),
         "POMBO_CONTENT_TYPE": str(message["content_type"]),
         "POMBO_CREATED_AT": str(message["created_at"]),
+        "POMBO_TRACEPARENT": str(own),
     }
     for name, value in message.get("headers", {}).items():
         # Stored before the server checked header names: one would stop every command starting.
         if re.fullmatch(HEADER_NAME_PATTERN, name) and "\x00" not in str(value):
             env[f"POMBO_HEADER_{name.upper().replace('-', '_')}"] = str(value)
     return env
+
+
+def own_span(message: dict[str, Any]) -> TraceParent:
+    """This run of the command as a span of the message's trace, under its publish (a trace of
+    its own for a message stored without one). Each run is a new span: attempts are distinct."""
+    publish = tracing.parse(message.get("traceparent") or "")
+    return publish.child() if publish is not None else tracing.new_trace()

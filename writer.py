@@ -34,6 +34,7 @@ from tortoise.fields import Field
 from tortoise.models import Model
 from tortoise.transactions import in_transaction
 
+import tracing
 from availability import Availability, refusal, unavailable_cause
 from broker import Broker
 from database import pg_transaction
@@ -121,8 +122,9 @@ class Writer:
         if self._closing:
             raise unavailable("shutting down")
         job: _Job[T] = _Job(operation, asyncio.get_running_loop().create_future())
-        self._jobs.put_nowait(job)
-        return await job.done
+        with tracing.span("commit"):  # waiting for the group, then its commit
+            self._jobs.put_nowait(job)
+            return await job.done
 
     async def probe(self) -> None:
         """Commit a write that leaves nothing behind, beside the groups: can a write succeed now?
@@ -262,7 +264,7 @@ async def _append(tx: Tx) -> list[Update]:
     return updates
 
 
-# 1,000 rows of a message's 17 columns stay within SQLite's 32,766 parameters a statement.
+# 1,000 rows of a message's 18 columns stay within SQLite's 32,766 parameters a statement.
 ROWS_PER_INSERT = 1000
 
 

@@ -176,6 +176,32 @@ async def test_csv_round_trips_awkward_bodies(client: httpx.AsyncClient) -> None
     assert bodies[-1] == json.dumps(structured, separators=(",", ":"), ensure_ascii=False)
 
 
+# A JSON string is the string itself in a cell; other JSON its compact text; text as published.
+SHELL_BODIES = [
+    ({"body": 'hello, "world"\n🐦'}, 'hello, "world"\n🐦'),
+    ({"body": "=1+1"}, "'=1+1"),
+    ({"body": {"a": [1, "b"]}}, '{"a":[1,"b"]}'),
+    ({"body": 7}, "7"),
+    ({"body": None}, "null"),
+]
+
+
+async def test_a_json_string_body_is_its_string_in_csv_and_xlsx_cells(client: httpx.AsyncClient) -> None:
+    queue = await create_queue(client)
+    await publish_batch(client, queue, [item for item, _ in SHELL_BODIES])
+    quoted = await publish_text(client, queue, '"quoted text"')  # text that looks like JSON stays text
+    expected = [cell for _, cell in SHELL_BODIES] + ['"quoted text"']
+
+    header, *rows = csv_rows(await download(client, messages_url(queue), "csv"))
+    assert [dict(zip(header, row, strict=True))["body"] for row in rows] == expected
+    assert rows[-1][0] == quoted["id"]
+    sheet = workbook(await download(client, messages_url(queue), "xlsx"))["Messages"]
+    body = MESSAGE_COLUMNS.index("body")
+    assert [row[body].value for row in sheet.iter_rows(min_row=2)] == expected
+    listed = (await client.get(messages_url(queue))).json()["items"]  # the API keeps JSON as JSON
+    assert [m["body"] for m in listed[:-1]] == [item["body"] for item, _ in SHELL_BODIES]
+
+
 async def test_csv_columns_carry_the_message(client: httpx.AsyncClient) -> None:
     queue = await create_queue(client)
     message = await publish_text(client, queue, "hi", **{"X-Priority": "high", "Idempotency-Key": "k-1"})

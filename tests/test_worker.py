@@ -481,3 +481,70 @@ async def test_a_batch_out_of_range_stops_with_the_usage_line(sqlite_server: Ser
     done = await asyncio.to_thread(subprocess.run, command, env=env, capture_output=True, timeout=30)
     assert done.returncode != 0
     assert "--batch 1..100" in done.stderr.decode()
+
+
+async def test_a_command_reads_a_json_string_as_the_string_and_other_json_compact(
+    sqlite_server: Server, tmp_path: Path
+) -> None:
+    out = tmp_path / "stdin"
+    out.mkdir()
+    handler = script(tmp_path, "keep.sh", f'cat > {out}/"$POMBO_MESSAGE_ID"\n')
+    items = [{"body": 'a "quoted"\nline 🐦'}, {"body": {"file": "/var/log/app.log", "n": [1, 2.5]}}]
+    async with sqlite_server.client() as http:
+        queue = await create_queue(http)
+        response = await http.post(f"/api/v1/queues/{queue}/messages/batch", json={"items": items})
+        texted = await http.post(f"/api/v1/queues/{queue}/messages", content=b'"as typed"')
+        ids = [m["id"] for m in response.json()["items"]] + [texted.json()["id"]]
+        worker = pombo(sqlite_server, "work", queue, "--", handler)
+        await wait_done(http, queue, 3)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0
+    stdin = [(out / message_id).read_text() for message_id in ids]
+    assert stdin == ['a "quoted"\nline 🐦', '{"file":"/var/log/app.log","n":[1,2.5]}', '"as typed"']
+
+
+def run_pombo(server: Server, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "POMBO_URL": server.url, "POMBO_TOKEN": TOKEN}
+    command = [sys.executable, str(ROOT / "main.py"), *args]
+    return subprocess.run(command, env=env, input=stdin, capture_output=True, text=True, timeout=30)
+
+
+async def test_publish_json_sends_the_argument_or_stdin_as_a_json_body(sqlite_server: Server) -> None:
+    async with sqlite_server.client() as http:
+        queue = await create_queue(http)
+        given = await asyncio.to_thread(
+            run_pombo, sqlite_server, "publish", queue, "--json", '{"size_gb": 42}', "--type", "backup.done"
+        )
+        piped = await asyncio.to_thread(
+            run_pombo, sqlite_server, "publish", queue, "--json", "--priority", "high", stdin='"just text"\n'
+        )
+        assert (given.returncode, piped.returncode) == (0, 0), given.stderr + piped.stderr
+        first = (await http.get(f"/api/v1/queues/{queue}/messages/{given.stdout.strip()}")).json()
+        second = (await http.get(f"/api/v1/queues/{queue}/messages/{piped.stdout.strip()}")).json()
+    assert (first["body"], first["content_type"], first["type"]) == (
+        {"size_gb": 42},
+        "application/json",
+        "backup.done",
+    )
+    assert (second["body"], second["priority"]) == ("just text", "high")
+
+
+@pytest.mark.parametrize("text", ["{not json", "NaN", ""])
+async def test_publish_json_refuses_what_is_not_json_in_one_line(sqlite_server: Server, text: str) -> None:
+    async with sqlite_server.client() as http:
+        queue = await create_queue(http)
+        done = await asyncio.to_thread(run_pombo, sqlite_server, "publish", queue, "--json", stdin=text)
+        listed = (await http.get(f"/api/v1/queues/{queue}/messages")).json()
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pombo: --json: the body is not valid JSON: "), lines
+    assert listed["total"] == 0
+
+
+def test_work_help_shows_the_command_it_needs() -> None:
+    command = [sys.executable, str(ROOT / "main.py"), "work", "--help"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0
+    usage, *rest = done.stdout.splitlines()
+    assert usage == "usage: python main.py work QUEUE [options] -- COMMAND [ARGS…]"
+    assert any(line.startswith("  python main.py work backups --concurrency 2 -- sh -c ") for line in rest)
