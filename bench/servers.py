@@ -151,15 +151,15 @@ def _pombo(label: str, workdir: Path, settings: dict[str, str]) -> Server:
 
 
 @contextlib.contextmanager
-def pombo_sqlite(workdir: Path, settings: dict[str, str]) -> Iterator[Server]:
+def pombo_sqlite(workdir: Path, settings: dict[str, str], label: str = "pombo-sqlite") -> Iterator[Server]:
     """Pombo as `make run` starts it: SQLite in a data dir of its own, the in-process broker."""
-    with running(_pombo("pombo-sqlite", workdir, settings)) as server:
+    with running(_pombo(label, workdir, settings)) as server:
         yield server
 
 
 @contextlib.contextmanager
 def pombo_postgres(
-    workdir: Path, settings: dict[str, str], admin_url: str, redis_url: str
+    workdir: Path, settings: dict[str, str], admin_url: str, redis_url: str, label: str = "pombo-postgres"
 ) -> Iterator[Server]:
     """Pombo on a fresh PostgreSQL database, created here and dropped afterwards, and Redis."""
     with postgres_database(admin_url) as database_url:
@@ -169,7 +169,7 @@ def pombo_postgres(
             "POMBO_REDIS_PREFIX": f"bench-{secrets.token_hex(4)}",
             **settings,
         }
-        with running(_pombo("pombo-postgres", workdir, replica)) as server:
+        with running(_pombo(label, workdir, replica)) as server:
             yield server
 
 
