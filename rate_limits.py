@@ -284,8 +284,8 @@ class RateLimits:
             return
         group = group_of(scope["method"], scope["path"])
         items = self.budgets.get(group) if group else None
-        if not items and not self.auth_failures:
-            await self.app(scope, receive, send)
+        if not items and (not self.auth_failures or scope["method"] == "OPTIONS"):
+            await self.app(scope, receive, send)  # a preflight carries no token, by the spec
             return
         request = Request(scope)
         try:

@@ -165,6 +165,10 @@ async def test_auth_failures_count_per_address_behind_trusted_proxies(make_serve
 
         assert [(await from_("203.0.113.5", FORGED)).status_code for _ in range(2)] == [401, 401]
         assert (await from_("203.0.113.5")).status_code == 401  # a missing token counts too
+        # A preflight carries no token by design: no failure (a 405 here, without CORS).
+        assert (
+            await http.options("/api/v1/me", headers={"X-Forwarded-For": "203.0.113.5"})
+        ).status_code == 405
         assert_limited(await from_("203.0.113.5"), 3)
         # What the client wrote left of the hop our proxy appended is not believed...
         assert_limited(await from_("198.51.100.7, 203.0.113.5"), 3)
