@@ -67,7 +67,8 @@ from leases import Leases
 from models import Token
 from notifications import Notifications
 from observability import LogFile, RequestContext, configure_logging
-from rate_limits import Counters, RateLimits
+from rate_counts import Counters
+from rate_limits import RateLimits
 from schemas import token_lifetime, token_subject
 from settings import ClientSettings, Settings, SettingsError, load_settings, tortoise_config
 from streams import DirectSend, StreamGate

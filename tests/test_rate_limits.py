@@ -11,7 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from conftest import ADMIN, RedisProcess, Server, assert_error, auth, mint, sql, unique
+
+from rate_limits import group_of
 
 WORKER = auth(mint("worker", "publish:* consume:* subscribe:* manage:*"))
 OTHER = auth(mint("other", "publish:* consume:* subscribe:* manage:*"))
@@ -77,8 +80,6 @@ async def test_two_replicas_share_one_budget_in_redis(
 
 
 def own_redis_keys(redis_process: RedisProcess) -> list[bytes]:
-    import redis
-
     client = redis.Redis(port=redis_process.port)
     try:
         return [key for key in client.keys("*") if b"ratelimit" in key]
@@ -247,3 +248,31 @@ def test_a_bad_setting_stops_the_start(make_server: Any, name: str, value: str) 
     server = make_server(**{name: value})
     with pytest.raises(RuntimeError, match=f"invalid setting {name}"):
         server.start()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "group"),
+    [
+        ("POST", "/api/v1/queues/q/messages", "publish"),
+        ("POST", "/api/v1/queues/q/messages/batch", "publish"),
+        ("POST", "/api/v1/notifications", "publish"),
+        ("POST", "/api/v1/queues/q/claim", "claim"),
+        ("POST", "/api/v1/queues/q/messages/m1/ack", "claim"),
+        ("POST", "/api/v1/queues/q/messages/m1/nack", "claim"),
+        ("POST", "/api/v1/queues/q/messages/m1/extend", "claim"),
+        ("POST", "/api/v1/queues/q/ack", "claim"),
+        ("GET", "/api/v1/queues/q/stream", "read"),
+        ("GET", "/api/v1/stream", "read"),
+        ("GET", "/api/v1/notifications/stream", "read"),
+        ("GET", "/api/v1/tokens", "read"),
+        ("POST", "/api/v1/tokens", "tokens"),
+        ("DELETE", "/api/v1/tokens/t1", "tokens"),
+        ("POST", "/api/v1/queues", None),
+        ("PATCH", "/api/v1/queues/q", None),
+        ("POST", "/api/v1/queues/q/redrive", None),
+        ("DELETE", "/api/v1/queues/q/messages/m1", None),
+        ("POST", "/api/v1/notifications/mark-all-read", None),
+    ],
+)
+def test_each_request_counts_against_its_group(method: str, path: str, group: str | None) -> None:
+    assert group_of(method, path) == group
