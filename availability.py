@@ -90,6 +90,7 @@ Probe = Callable[[], Awaitable[object]]
 class _Episode:
     began: float
     last_failure: float
+    answers_503: bool = True
     refused: int = 0
 
 
@@ -109,14 +110,17 @@ class Availability:
         """While `dependency` is down, `probe()` is tried every PROBE_SECONDS; success ends it."""
         self._probes[dependency] = probe
 
-    def failed(self, dependency: str, error: BaseException) -> None:
+    def failed(self, dependency: str, error: BaseException, meanwhile: str | None = None) -> None:
+        """`dependency` failed `error`; `meanwhile` says what requests get instead of a 503, for a
+        dependency they can do without (the log then counts no 503s against it)."""
         now = time.monotonic()
         episode = self._down.get(dependency)
         if episode is not None:
             episode.last_failure = now
             return
-        self._down[dependency] = _Episode(now, now)
-        logger.warning("{} unavailable ({}: {}); answering 503", dependency, type(error).__name__, error)
+        self._down[dependency] = _Episode(now, now, answers_503=meanwhile is None)
+        effect = meanwhile or "answering 503"
+        logger.warning("{} unavailable ({}: {}); {}", dependency, type(error).__name__, error, effect)
         if self._task is None and self._probes:
             self._task = asyncio.get_running_loop().create_task(self._probe_while_down(), name="probe")
 
@@ -127,13 +131,14 @@ class Availability:
         episode = self._down.get(dependency)
         if episode is not None and time.monotonic() - episode.last_failure >= PROBE_SECONDS:
             del self._down[dependency]
-            took, refused = time.monotonic() - episode.began, episode.refused
-            logger.info("{} available again after {:.1f}s; {} requests got 503", dependency, took, refused)
+            took = time.monotonic() - episode.began
+            refused = f"; {episode.refused} requests got 503" if episode.answers_503 else ""
+            logger.info("{} available again after {:.1f}s{}", dependency, took, refused)
 
     def refused(self) -> None:
         """A request was answered 503: counted against every episode under way."""
         for episode in self._down.values():
-            episode.refused += 1
+            episode.refused += episode.answers_503
 
     def is_down(self, dependency: str) -> bool:
         return dependency in self._down

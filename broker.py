@@ -334,7 +334,7 @@ class MemoryBroker(LocalFanout):
 
 def redis_names(prefix: str) -> dict[str, str]:
     """Every Redis key and channel Pombo uses, from one prefix."""
-    return {"events": f"{prefix}:events", "counts": f"{prefix}:counts"}
+    return {"events": f"{prefix}:events", "counts": f"{prefix}:counts", "rate_limits": f"{prefix}:ratelimits"}
 
 
 class RedisBroker(LocalFanout):

@@ -81,17 +81,25 @@ def caller(request: Request) -> Principal:
     Routes take it as a dependency (`CurrentPrincipal`); publish and the streams call it
     directly, since FastAPI's dependency solving measured a fifth of their CPU or more.
     """
+    known: Principal | None = request.scope.get(_CALLER)
+    if known is not None:
+        return known
     token = _bearer_token(request)
     if token:
         codec: TokenCodec = request.app.state.codec
         principal = codec.read(token)
         if principal.token_id is not None and principal.token_id in revocations_of(request):
             raise unauthorized("the token was revoked")
-        return principal
-    anonymous: Principal | None = request.app.state.anonymous
-    if anonymous is None:
-        raise unauthorized()
-    return anonymous
+    else:
+        principal = request.app.state.anonymous
+        if principal is None:
+            raise unauthorized()
+    # Read once a request: the rate limits read it first, then the route (and its dependency).
+    request.scope[_CALLER] = principal
+    return principal
+
+
+_CALLER = "pombo.caller"
 
 
 async def _window(

@@ -69,6 +69,8 @@ from metrics import Metrics, Recorder
 from models import Token
 from notifications import Notifications
 from observability import LogFile, RequestContext, configure_logging
+from rate_counts import Counters
+from rate_limits import RateLimits
 from schemas import parse_duration, token_lifetime, token_subject
 from settings import ClientSettings, Settings, SettingsError, load_settings, tortoise_config
 from streams import DirectSend, StreamGate
@@ -103,7 +105,18 @@ CORS_REQUEST_HEADERS = [
     "X-Request-ID",
     "X-Type",
 ]
-CORS_RESPONSE_HEADERS = ["Content-Disposition", "Location", "Retry-After", "X-Request-ID"]
+CORS_RESPONSE_HEADERS = [
+    "Content-Disposition",
+    "Location",
+    "RateLimit-Limit",
+    "RateLimit-Remaining",
+    "RateLimit-Reset",
+    "Retry-After",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "X-Request-ID",
+]
 CORS_MAX_AGE = 600  # seconds a browser may keep a preflight's answer
 
 
@@ -143,6 +156,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit, limit=max(settings.max_batch_bytes, settings.max_body_bytes))
     # Lists, exports and docs assets; never a stream (Starlette excludes text/event-stream).
     app.add_middleware(GzipReads, minimum_size=GZIP_MIN_BYTES, compresslevel=GZIP_LEVEL)
+    # Inside RequestContext (a 429 has its request id and access line), before any body is read.
+    app.state.rate_counters = Counters(settings.redis_url, settings.redis_prefix, app.state.availability)
+    app.add_middleware(RateLimits, settings=settings, counters=app.state.rate_counters)
     # Its request id and access line cover the rest.
     app.add_middleware(
         RequestContext,
@@ -229,6 +245,7 @@ async def _running_hub(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         await writer.close()
         await broker.close()
         await counts.close()
+        await app.state.rate_counters.close()
 
 
 def _sweeper(app: FastAPI, settings: Settings) -> Sweeper:
@@ -297,6 +314,9 @@ def serve(settings: Settings) -> None:
         access_log=False,
         loop="uvloop",
         http=BoundedHttpTools.configured(settings.hsts),
+        # X-Forwarded-For is read by the app, and only from POMBO_TRUSTED_PROXIES (proxies.py);
+        # uvicorn's own rule would believe any local peer.
+        proxy_headers=False,
         timeout_graceful_shutdown=5,
     )
     with single_process(settings):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from limits import RateLimitItem, parse_many
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -47,6 +49,23 @@ class Settings(BaseSettings):
     cors_credentials: bool = False
     # Strict-Transport-Security on every response: only once the API is served over HTTPS only.
     hsts: bool = False
+    # Peers whose X-Forwarded-For is believed (addresses or CIDRs, comma- or space-separated):
+    # the reverse proxies in front. Anyone else could write any address there.
+    trusted_proxies: str = ""
+
+    # Requests per subject (a token's `sub`; callers without a token by address) in the `limits`
+    # notation ("600/minute", "20/second;1000/hour"); empty switches the group off. About a
+    # thousand a second for a minute: no script, worker or dashboard of a small team comes near,
+    # and no benchmark run either (a publish run sends 20,000 in 5 s); a runaway loop does.
+    rate_limit_publish: str = "60000/minute"  # publish, batch (one request each), notifications
+    rate_limit_claim: str = "60000/minute"  # claim, ack, nack, extend, batch ack
+    rate_limit_read: str = "60000/minute"  # every GET under /api/v1, opening a stream included
+    rate_limit_tokens: str = "60/minute"  # minting and revoking tokens
+    # Per client address: requests refused for a bad or missing token (10 a second, for a minute).
+    rate_limit_auth_failures: str = "600/minute"
+    # Admins have no per-subject limits (as they have no stream cap): the operator's own token,
+    # which could mint itself another anyway.
+    rate_limit_exempt_admins: bool = True
 
     max_body_bytes: int = Field(default=256 * KIB, ge=1)
     max_batch_items: int = Field(default=1000, ge=1, le=10_000)
@@ -125,6 +144,24 @@ class Settings(BaseSettings):
                 raise ValueError(f"{origin!r} is not an origin such as https://app.example.com (no path)")
         return given
 
+    @field_validator(
+        "rate_limit_publish",
+        "rate_limit_claim",
+        "rate_limit_read",
+        "rate_limit_tokens",
+        "rate_limit_auth_failures",
+    )
+    @classmethod
+    def _rate_limit(cls, given: str) -> str:
+        rate_limits(given)
+        return given
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, given: str) -> str:
+        proxy_networks(given)
+        return given
+
     @field_validator("jwt_secret")
     @classmethod
     def _strong_secret(cls, secret: SecretStr | None) -> SecretStr | None:
@@ -166,6 +203,34 @@ class Settings(BaseSettings):
     @property
     def json_logs(self) -> bool:
         return self.environment == "production" if self.log_json is None else self.log_json
+
+
+def rate_limits(given: str) -> list[RateLimitItem]:
+    """`"20/second;1000/hour"` as limits' items; empty: none. ValueError for anything else."""
+    if not given.strip():
+        return []
+    try:
+        items = parse_many(given)
+    except ValueError:
+        example = "600/minute or 20/second;1000/hour"
+        raise ValueError(f"{given!r} is not in the limits notation, e.g. {example}") from None
+    if any(item.amount < 1 for item in items):
+        raise ValueError(f"{given!r} allows nothing: use an empty value to switch the limit off")
+    return items
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def proxy_networks(given: str) -> tuple[Network, ...]:
+    """`"10.0.0.0/8, 127.0.0.1"` as networks; ValueError names the first that is none."""
+    networks = []
+    for text in given.replace(",", " ").split():
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ValueError(f"{text!r} is not an address or a network such as 10.0.0.0/8") from None
+    return tuple(networks)
 
 
 class ClientSettings(BaseSettings):

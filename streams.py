@@ -484,10 +484,20 @@ def busy(subject: str, cap: int, accept: str) -> Response:
     EventSource sends `Accept: text/event-stream`; other clients get the 429.
     """
     message = f"{subject!r} already holds {cap} streams here"
-    if "text/event-stream" not in accept:
+    if not wants_event_stream(accept):
         raise rate_limited(message, BUSY_RETRY_SECONDS, limit=cap)
-    data = {"reason": "too_many_streams", "message": message, "limit": cap, "retry_after": BUSY_RETRY_SECONDS}
-    body = f"retry: {BUSY_RETRY_SECONDS * 1000}\n\n".encode() + control_frame("stream.busy", data)
+    return busy_stream("too_many_streams", message, cap, BUSY_RETRY_SECONDS)
+
+
+def wants_event_stream(accept: str) -> bool:
+    return "text/event-stream" in accept
+
+
+def busy_stream(reason: str, message: str, limit: int, retry_after: int) -> Response:
+    """A 200 stream of one `stream.busy` event whose `retry:` makes an EventSource come back
+    after `retry_after` seconds (see `busy`)."""
+    data = {"reason": reason, "message": message, "limit": limit, "retry_after": retry_after}
+    body = f"retry: {retry_after * 1000}\n\n".encode() + control_frame("stream.busy", data)
     headers = {name.decode(): value.decode() for name, value in _HEADERS if name != b"content-type"}
     return Response(body, 200, headers, media_type=_HEADERS[2][1].decode())
 

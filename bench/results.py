@@ -6,6 +6,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -163,3 +164,28 @@ def _compared(value: Value, reference: Value) -> str:
     if not isinstance(reference, int | float) or reference == 0:
         return show(value)
     return f"{show(value)} ({value / reference:.2f}x)"
+
+
+def rounds(
+    results: Sequence[Result], figures: Sequence[str] = ("messages_per_s", "server_cpu_us_per_msg")
+) -> str:
+    """Each figure of each scenario per target over the rounds, its median, and the median's
+    ratio to its own target's without a variant (`pombo-sqlite+x` to `pombo-sqlite`): the A/B
+    comparison of interleaved rounds."""
+    rows = [("scenario", "params", "figure", "target", "rounds", "median", "ratio")]
+    keys = list(dict.fromkeys(r.key for r in results))
+    for key in keys:
+        for name in figures:
+            per_target: dict[str, list[float]] = {}
+            for r in results:
+                value = r.metrics.get(name)
+                if r.key == key and isinstance(value, int | float):
+                    per_target.setdefault(r.target, []).append(float(value))
+            medians = {target: statistics.median(values) for target, values in per_target.items()}
+            for target, values in per_target.items():
+                median, reference = medians[target], medians.get(target.split("+")[0])
+                ratio = f"{median / reference:.3f}x" if reference else "-"
+                listed = " ".join(show(v) for v in values)
+                rows.append((*key, name, target, listed, show(median), ratio))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)

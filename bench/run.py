@@ -21,6 +21,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import FrameType
 
@@ -28,42 +29,56 @@ import servers
 import uvloop
 from loadgen import raise_open_files_limit, report, run_scenarios, say
 from options import Options, add_arguments, chosen
-from results import Result, ratios
+from results import Result, ratios, rounds
 from servers import Server
 from wire import Target
 
 TARGETS = ("baseline", "pombo-sqlite", "pombo-postgres")
-# pombo-sqlite again with the --variant-env settings: an A/B of a setting within one run.
-VARIANT = "pombo-sqlite-variant"
 
 
-def _starters(
-    args: argparse.Namespace, workdir: Path
-) -> dict[str, Callable[[], contextlib.AbstractContextManager[Server]]]:
-    settings = dict(args.server_env)
-    variant = {**settings, **dict(args.variant_env)}
-    return {
-        "baseline": lambda: servers.baseline(workdir, args.redis),
-        "pombo-sqlite": lambda: servers.pombo_sqlite(workdir, settings),
-        VARIANT: lambda: servers.pombo_sqlite(workdir, variant, label=VARIANT),
-        "pombo-postgres": lambda: servers.pombo_postgres(workdir, settings, args.postgres, args.redis),
-    }
+Starter = Callable[[], contextlib.AbstractContextManager[Server]]
 
 
-async def compare(started: list[Server], options: Options, names: list[str], results: list[Result]) -> None:
-    """Each scenario on every target in turn; results land in `results` as they come."""
-    for name in names:
-        for server in started:
-            if name in server.unsupported:
-                say(f"{server.label}: {name} skipped (not offered)")
-                continue
-            if server.exit_code is not None:
-                note = f"not run: the server had exited ({server.exit_code}); see {server.log_path}"
-                results.append(Result(name, {}, {}, server.label, [note]))
-                continue
-            target = Target.parse(server.url, server.token)
-            per_server = dataclasses.replace(options, server_pid=server.pid)
-            results += await run_scenarios(target, per_server, [name], server.label)
+def _starters(args: argparse.Namespace, workdir: Path) -> list[tuple[str, Starter]]:
+    """Each chosen target, and after each Pombo one its variants (`--variant`), labelled."""
+    chosen: list[tuple[str, Starter]] = []
+    for label in args.targets:
+        if label == "baseline":
+            chosen.append((label, partial(servers.baseline, workdir, args.redis)))
+            continue
+        for variant, extra in [("", {}), *args.variant]:
+            settings = {**dict(args.server_env), **extra}
+            named = f"{label}+{variant}" if variant else label
+            if label == "pombo-sqlite":
+                chosen.append((named, partial(servers.pombo_sqlite, workdir, settings, named)))
+            else:
+                start = partial(servers.pombo_postgres, workdir, settings, args.postgres, args.redis, named)
+                chosen.append((named, start))
+    return chosen
+
+
+async def compare(
+    started: list[Server], options: Options, names: list[str], results: list[Result], rounds: int = 1
+) -> None:
+    """Each scenario on every target in turn, `rounds` times (every other round in reverse, so a
+    drift in the machine's speed favours no target); results land in `results` as they come."""
+    for turn in range(rounds):
+        for name in names:
+            await _each_target(started[:: -1 if turn % 2 else 1], options, name, results)
+
+
+async def _each_target(started: list[Server], options: Options, name: str, results: list[Result]) -> None:
+    for server in started:
+        if name in server.unsupported:
+            say(f"{server.label}: {name} skipped (not offered)")
+            continue
+        if server.exit_code is not None:
+            note = f"not run: the server had exited ({server.exit_code}); see {server.log_path}"
+            results.append(Result(name, {}, {}, server.label, [note]))
+            continue
+        target = Target.parse(server.url, server.token)
+        per_server = dataclasses.replace(options, server_pid=server.pid)
+        results += await run_scenarios(target, per_server, [name], server.label)
 
 
 def _stop_on_signals() -> None:
@@ -86,12 +101,11 @@ def _benchmark(args: argparse.Namespace, names: list[str], options: Options, res
     keep = args.keep_logs
     try:
         with contextlib.ExitStack() as stack:
-            starters = _starters(args, workdir)
             started = []
-            for label in args.targets:
+            for label, starter in _starters(args, workdir):
                 say(f"starting {label}")
-                started.append(stack.enter_context(starters[label]()))
-            uvloop.run(compare(started, options, names, results))
+                started.append(stack.enter_context(starter()))
+            uvloop.run(compare(started, options, names, results, args.rounds))
             keep = keep or any(server.exit_code is not None for server in started)
             say("stopping the servers")
     finally:
@@ -101,14 +115,15 @@ def _benchmark(args: argparse.Namespace, names: list[str], options: Options, res
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _print(results: list[Result], load_before: tuple[float, ...]) -> None:
+def _print(results: list[Result], load_before: tuple[float, ...], compared: bool) -> None:
     report(results)
+    if compared:
+        print("\nRounds: each target's figures in the order run, the median, and median / the same")
+        print("target's without a variant")
+        print(rounds(results))
     if any(r.target == "baseline" for r in results):
         print("\nPombo / baseline (ratio > 1: Pombo's figure is the larger)")
         print(ratios(results, "baseline"))
-    if any(r.target == VARIANT for r in results):
-        print(f"\n{VARIANT} / pombo-sqlite (ratio > 1: the variant's figure is the larger)")
-        print(ratios([r for r in results if r.target in ("pombo-sqlite", VARIANT)], "pombo-sqlite"))
     load = "/".join(f"{x:.2f}" for x in load_before)
     after = "/".join(f"{x:.2f}" for x in os.getloadavg())
     cores = os.cpu_count()
@@ -126,9 +141,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--postgres", default="postgres://postgres@127.0.0.1:5432/postgres", help="an admin URL")
     setting = "a setting for the Pombo servers (repeatable)"
     add("--server-env", type=_setting, action="append", default=[], metavar="POMBO_X=VALUE", help=setting)
-    variant = f"also run {VARIANT}, pombo-sqlite with this setting too, right after it (repeatable)"
-    add("--variant-env", type=_setting, action="append", default=[], metavar="POMBO_X=VALUE", help=variant)
     add("--keep-logs", action="store_true", help="keep the servers' temporary directory")
+    variant = 'also each Pombo target with these settings: "LABEL POMBO_X=V POMBO_Y=W" (repeatable)'
+    add("--variant", type=_variant, action="append", default=[], metavar="SPEC", help=variant)
+    add("--rounds", type=int, default=1, help="run the scenarios this many times, interleaved (A/B)")
     add_arguments(parser)
     return parser
 
@@ -140,29 +156,36 @@ def _setting(text: str) -> tuple[str, str]:
     return name, value
 
 
+def _variant(text: str) -> tuple[str, dict[str, str]]:
+    label, *given = text.split()
+    if not label.replace("-", "").isalnum():
+        raise argparse.ArgumentTypeError(
+            f"a variant starts with its label (letters, digits, -), got {text!r}"
+        )
+    return label, dict(_setting(item) for item in given)
+
+
 def _targets(text: str) -> list[str]:
     labels = [t.strip() for t in text.split(",") if t.strip()]
-    if unknown := sorted(set(labels) - {*TARGETS, VARIANT}):
+    if unknown := sorted(set(labels) - set(TARGETS)):
         raise argparse.ArgumentTypeError(f"unknown target {', '.join(unknown)}")
     return labels
 
 
 def main() -> int:
     args = _parser().parse_args()
-    if args.variant_env and VARIANT not in args.targets:
-        at = args.targets.index("pombo-sqlite") + 1 if "pombo-sqlite" in args.targets else len(args.targets)
-        args.targets.insert(at, VARIANT)
     names, options = chosen(args.scenario), Options.from_args(args)
     raise_open_files_limit()
     _stop_on_signals()
     load_before, results = os.getloadavg(), []
+    compared = bool(args.variant) or args.rounds > 1
     try:
         _benchmark(args, names, options, results)
     except KeyboardInterrupt:
         say("interrupted: every server started here is stopped; partial results follow")
-        _print(results, load_before)
+        _print(results, load_before, compared)
         return 130
-    _print(results, load_before)
+    _print(results, load_before, compared)
     return 0
 
 

@@ -159,7 +159,7 @@ def pombo_sqlite(workdir: Path, settings: dict[str, str], label: str = "pombo-sq
 
 @contextlib.contextmanager
 def pombo_postgres(
-    workdir: Path, settings: dict[str, str], admin_url: str, redis_url: str
+    workdir: Path, settings: dict[str, str], admin_url: str, redis_url: str, label: str = "pombo-postgres"
 ) -> Iterator[Server]:
     """Pombo on a fresh PostgreSQL database, created here and dropped afterwards, and Redis."""
     with postgres_database(admin_url) as database_url:
@@ -169,7 +169,7 @@ def pombo_postgres(
             "POMBO_REDIS_PREFIX": f"bench-{secrets.token_hex(4)}",
             **settings,
         }
-        with running(_pombo("pombo-postgres", workdir, replica)) as server:
+        with running(_pombo(label, workdir, replica)) as server:
             yield server
 
 
