@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     database_password: SecretStr | None = None
     jwt_secret: SecretStr | None = None
     jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
+    # Secrets tokens were signed with before this one (space- or comma-separated): their tokens
+    # still verify, new ones are signed with POMBO_JWT_SECRET. Drop one once its tokens expired.
+    jwt_previous_secrets: SecretStr | None = None
+    # When set, tokens are minted with this `iss` / `aud`, and a token without the same is refused.
+    jwt_issuer: str | None = Field(default=None, min_length=1, max_length=255)
+    jwt_audience: str | None = Field(default=None, min_length=1, max_length=255)
     anonymous_scopes: str = ""
     # Origins whose pages may call the API and open streams (`https://app.example.com`, comma- or
     # space-separated; `*` for any). None by default: only the API's own origin.
@@ -113,9 +119,21 @@ class Settings(BaseSettings):
     @field_validator("jwt_secret")
     @classmethod
     def _strong_secret(cls, secret: SecretStr | None) -> SecretStr | None:
-        if secret is not None and len(secret.get_secret_value().encode()) < 32:
-            raise ValueError("must be at least 32 bytes (try: openssl rand -hex 32)")
+        if secret is not None:
+            _strong(secret.get_secret_value())
         return secret
+
+    @field_validator("jwt_previous_secrets")
+    @classmethod
+    def _strong_secrets(cls, given: SecretStr | None) -> SecretStr | None:
+        for secret in _secrets(given):
+            _strong(secret, "each ")
+        return given
+
+    @field_validator("jwt_issuer", "jwt_audience", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, given: str | None) -> str | None:
+        return given or None
 
     @model_validator(mode="after")
     def _replicas_share_a_secret(self) -> Settings:
@@ -145,12 +163,26 @@ class Settings(BaseSettings):
         return Path(path) if self.is_sqlite and path != ":memory:" else None
 
     @property
+    def previous_secrets(self) -> tuple[str, ...]:
+        return _secrets(self.jwt_previous_secrets)
+
+    @property
     def allowed_origins(self) -> tuple[str, ...]:
         return tuple(self.cors_origins.replace(",", " ").split())
 
     @property
     def json_logs(self) -> bool:
         return self.environment == "production" if self.log_json is None else self.log_json
+
+
+def _secrets(given: SecretStr | None) -> tuple[str, ...]:
+    """The secrets of `POMBO_JWT_PREVIOUS_SECRETS`, separated by spaces or commas."""
+    return tuple(given.get_secret_value().replace(",", " ").split()) if given is not None else ()
+
+
+def _strong(secret: str, each: str = "") -> None:
+    if len(secret.encode()) < 32:
+        raise ValueError(f"{each}must be at least 32 bytes (try: openssl rand -hex 32)")
 
 
 class ClientSettings(BaseSettings):
