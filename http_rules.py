@@ -8,12 +8,14 @@ serves their frames.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 import random
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -157,20 +159,60 @@ class _Refused(Exception):
 
 
 class BoundedHttpTools(HttpToolsProtocol):
-    """uvicorn's httptools protocol with bounds on the URL and the headers, and every request it
-    refuses itself (too large, or not HTTP) answered in the error envelope, not plain text."""
+    """uvicorn's httptools protocol with bounds on the URL and the headers, a deadline for a
+    request's head, and every request it refuses itself (too large, too slow, or not HTTP)
+    answered in the error envelope, not plain text.
+
+    uvicorn times only the wait between requests: a client that connected and sent nothing, or
+    sent its headers a byte at a time, held its connection for good (slow loris). Now the head
+    must be whole `read_timeout` seconds after the connection or the request's first byte;
+    `BodyLimit` gives the body the same deadline.
+    """
 
     hsts = False
+    read_timeout = 60.0
     _header_bytes = 0
     _refused: _Refused | None = None
+    _head_timer: asyncio.TimerHandle | None = None
 
     @classmethod
-    def configured(cls, hsts: bool) -> type[BoundedHttpTools]:
-        return type(cls.__name__, (cls,), {"hsts": hsts})
+    def configured(cls, hsts: bool, read_timeout: float) -> type[BoundedHttpTools]:
+        return type(cls.__name__, (cls,), {"hsts": hsts, "read_timeout": read_timeout})
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_head(started=False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._await_head(None)
+        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_bytes = 0
+        self._await_head(started=True)
+
+    def on_headers_complete(self) -> None:
+        self._await_head(None)
+        super().on_headers_complete()
+
+    def _await_head(self, started: bool | None) -> None:
+        """Arm the head's deadline (`started`: a byte of it came), or disarm it (None)."""
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        if started is not None:
+            self._head_timer = self.loop.call_later(self.read_timeout, self._head_too_slow, started)
+
+    def _head_too_slow(self, started: bool) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if not started:  # nothing to answer: as after an idle keep-alive
+            self.transport.close()
+            return
+        message = f"the request's headers did not arrive within {self.read_timeout:g} s"
+        self._refuse(408, "request_timeout", message, {"timeout": self.read_timeout})
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -186,17 +228,18 @@ class BoundedHttpTools(HttpToolsProtocol):
         super().on_header(name, value)
 
     def send_400_response(self, msg: str) -> None:
+        self._await_head(None)
         refused = self._refused
         if refused is None:
-            status, code, message, details = 400, "malformed_request", "not a valid HTTP/1.1 request", {}
-        else:
-            status, code = refused.status, "too_large"
-            message = f"the request's {refused.part} exceed {refused.limit} bytes"
-            details = {"limit": refused.limit}
-        error = {"code": code, "message": message, "details": details}
-        body = json.dumps({"error": error}).encode()
-        reason = {400: b"Bad Request", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
-        lines = [b"HTTP/1.1 %d %s" % (status, reason[status])]
+            self._refuse(400, "malformed_request", "not a valid HTTP/1.1 request", {})
+            return
+        message = f"the request's {refused.part} exceed {refused.limit} bytes"
+        self._refuse(refused.status, "too_large", message, {"limit": refused.limit})
+
+    def _refuse(self, status: int, code: str, message: str, details: dict[str, Any]) -> None:
+        """Answer in the envelope, then close: the rest of the request cannot be read."""
+        body = json.dumps({"error": {"code": code, "message": message, "details": details}}).encode()
+        lines = [b"HTTP/1.1 %d %s" % (status, _REASONS[status])]
         headers = [
             *self.server_state.default_headers,
             (b"content-type", b"application/json"),
@@ -209,3 +252,11 @@ class BoundedHttpTools(HttpToolsProtocol):
         lines += [name + b": " + value for name, value in headers]
         self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
         self.transport.close()
+
+
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+}

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=256 * KIB, ge=1)
     max_batch_items: int = Field(default=1000, ge=1, le=10_000)
     max_batch_bytes: int = Field(default=8 * KIB * KIB, ge=1)
+    # A request's body must arrive whole within this long (8 MiB in 60 s is 1.1 Mbit/s), and so
+    # must its head: a client that trickles either is cut with 408 rather than held.
+    read_timeout_seconds: float = Field(default=60, gt=0, le=3600)
     idempotency_seconds: float = Field(default=24 * 3600, gt=0)
     # Checked before an export starts (a clear 400, never a cut-off file). An XLSX is built whole
     # before its first byte: about 40 s for 100,000 rows on 2 busy cores (measured).
