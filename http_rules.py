@@ -14,13 +14,14 @@ import hashlib
 import json
 import random
 import re
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from body_limit import READ_DEADLINE, ReadDeadline
 from streams import HEAD
 
 Headers = list[tuple[bytes, bytes]]
@@ -159,21 +160,25 @@ class _Refused(Exception):
 
 
 class BoundedHttpTools(HttpToolsProtocol):
-    """uvicorn's httptools protocol with bounds on the URL and the headers, a deadline for a
-    request's head, and every request it refuses itself (too large, too slow, or not HTTP)
-    answered in the error envelope, not plain text.
+    """uvicorn's httptools protocol with bounds on the URL and the headers, a deadline for each
+    request, and every request it refuses itself (too large, too slow, or not HTTP) answered in
+    the error envelope, not plain text.
 
     uvicorn times only the wait between requests: a client that connected and sent nothing, or
-    sent its headers a byte at a time, held its connection for good (slow loris). Now the head
-    must be whole `read_timeout` seconds after the connection or the request's first byte;
-    `BodyLimit` gives the body the same deadline.
+    sent its headers or its body a byte at a time, held its connection for good (slow loris).
+    Now a request must be whole `read_timeout` seconds after its first byte (or after the
+    connection, for its first request). A late head is answered here; a late body by the app
+    (`body_limit.ReadDeadline`), in the envelope and its access line like any other answer.
     """
 
     hsts = False
     read_timeout = 60.0
     _header_bytes = 0
     _refused: _Refused | None = None
-    _head_timer: asyncio.TimerHandle | None = None
+    _timer: asyncio.TimerHandle | None = None
+    _due = 0.0
+    _head_done = False
+    _deadline: ReadDeadline | None = None
 
     @classmethod
     def configured(cls, hsts: bool, read_timeout: float) -> type[BoundedHttpTools]:
@@ -181,38 +186,55 @@ class BoundedHttpTools(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._await_head(started=False)
+        self._due = self.loop.time() + self.read_timeout
+        self._arm(self._nothing_came)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._await_head(None)
+        self._arm(None)
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_bytes = 0
-        self._await_head(started=True)
+        self._deadline = ReadDeadline(self.read_timeout)
+        cast(dict[str, Any], self.scope)[READ_DEADLINE] = self._deadline
+        self._due, self._head_done = self.loop.time() + self.read_timeout, False
+        self._arm(self._too_slow)
 
     def on_headers_complete(self) -> None:
-        self._await_head(None)
         super().on_headers_complete()
+        self._head_done = True
 
-    def _await_head(self, started: bool | None) -> None:
-        """Arm the head's deadline (`started`: a byte of it came), or disarm it (None)."""
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        if started is not None:
-            self._head_timer = self.loop.call_later(self.read_timeout, self._head_too_slow, started)
+    def on_message_complete(self) -> None:
+        self._arm(None)
+        super().on_message_complete()
 
-    def _head_too_slow(self, started: bool) -> None:
-        self._head_timer = None
+    def _arm(self, expired: Callable[[], None] | None) -> None:
+        """Call `expired` at the deadline (None: disarm)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None if expired is None else self.loop.call_at(self._due, expired)
+
+    def _nothing_came(self) -> None:
+        self.transport.close()  # nothing to answer, as after an idle keep-alive
+
+    def _too_slow(self) -> None:
         if self.transport.is_closing():
             return
-        if not started:  # nothing to answer: as after an idle keep-alive
-            self.transport.close()
+        if self._head_done:
+            self._body_too_slow()
             return
         message = f"the request's headers did not arrive within {self.read_timeout:g} s"
         self._refuse(408, "request_timeout", message, {"timeout": self.read_timeout})
+
+    def _body_too_slow(self) -> None:
+        cycle, deadline = self.cycle, self._deadline
+        if cycle.response_complete or deadline is None:  # answered without its body (a 401)
+            self.transport.close()
+            return
+        deadline.passed = True  # BodyLimit answers 408 at the route's next read...
+        cycle.keep_alive = False  # ...after which the rest of the body cannot be told apart
+        cycle.message_event.set()  # wake that read now
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -228,7 +250,7 @@ class BoundedHttpTools(HttpToolsProtocol):
         super().on_header(name, value)
 
     def send_400_response(self, msg: str) -> None:
-        self._await_head(None)
+        self._arm(None)
         refused = self._refused
         if refused is None:
             self._refuse(400, "malformed_request", "not a valid HTTP/1.1 request", {})

@@ -131,11 +131,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(module.router)
     # Every route, for the `Allow` of a 405 (errors.allowed_methods).
     app.state.routes = [*app.router.routes, *(route for module in modules for route in module.router.routes)]
-    app.add_middleware(
-        BodyLimit,
-        limit=max(settings.max_batch_bytes, settings.max_body_bytes),
-        timeout=settings.read_timeout_seconds,
-    )
+    app.add_middleware(BodyLimit, limit=max(settings.max_batch_bytes, settings.max_body_bytes))
     # Lists, exports and docs assets; never a stream (Starlette excludes text/event-stream).
     app.add_middleware(GzipReads, minimum_size=GZIP_MIN_BYTES, compresslevel=GZIP_LEVEL)
     # Its request id and access line cover the rest.
