@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import pytest
 import rsa
 from conftest import (
     ADMIN,
+    ROOT,
     SECRET,
     Listener,
     Server,
@@ -28,6 +30,7 @@ from conftest import (
     auth,
     leaks,
     mint,
+    need_tool,
     never_logged,
     unique,
 )
@@ -659,3 +662,46 @@ async def test_many_slow_clients_are_all_cut_and_what_they_held_is_freed(impatie
     # 104 -> 104-109 MB after rounds 1-3): what each round held was freed.
     sent = 40 * len(first)
     assert rounds[2][3] - rounds[0][3] < sent, rounds
+
+
+# The README's proxy example is a configuration nginx accepts --------------------------------------
+
+
+def test_the_readme_tls_proxy_example_is_valid_nginx(tmp_path: Path) -> None:
+    need_tool("nginx")
+    need_tool("openssl")
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Behind a TLS proxy") :]
+    example = section[section.index("```nginx\n") + len("```nginx\n") : section.index("```\n")]
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    self_signed = [
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=pombo.example.com",
+        "-days",
+        "1",
+    ]
+    made = subprocess.run(
+        ["openssl", *self_signed, "-keyout", str(key), "-out", str(cert)],
+        capture_output=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    example = example.replace("/etc/letsencrypt/live/pombo.example.com/fullchain.pem", str(cert))
+    example = example.replace("/etc/letsencrypt/live/pombo.example.com/privkey.pem", str(key))
+    example = example.replace("/var/log/nginx/pombo.log", str(tmp_path / "access.log"))
+    conf, pid = tmp_path / "nginx.conf", tmp_path / "nginx.pid"
+    conf.write_text(f"events {{}}\nhttp {{\n{example}\n}}\n")
+    files = ["-p", f"{tmp_path}/", "-c", str(conf), "-e", str(tmp_path / "error.log"), "-g", f"pid {pid};"]
+    checked = subprocess.run(
+        ["nginx", "-t", *files],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert "proxy_buffering off;" in example and "$request " not in example
