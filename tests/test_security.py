@@ -705,3 +705,19 @@ def test_the_readme_tls_proxy_example_is_valid_nginx(tmp_path: Path) -> None:
     )
     assert checked.returncode == 0, checked.stderr
     assert "proxy_buffering off;" in example and "$request " not in example
+
+
+def test_a_weak_previous_secret_stops_the_start_in_one_line_without_showing_it() -> None:
+    from settings import SettingsError, load_settings
+
+    weak = "old-but-short"
+    with pytest.raises(SettingsError) as refused:
+        load_settings(environment="test", jwt_secret=SECRET, jwt_previous_secrets=f"{NEW_SECRET} {weak}")
+    message = str(refused.value)
+    assert "POMBO_JWT_PREVIOUS_SECRETS" in message and "32 bytes" in message
+    assert weak not in message and NEW_SECRET not in message and "\n" not in message
+    rotated = load_settings(
+        environment="test", jwt_secret=SECRET, jwt_previous_secrets=f"{NEW_SECRET},{OTHER_SECRET}"
+    )
+    assert rotated.previous_secrets == (NEW_SECRET, OTHER_SECRET)
+    assert NEW_SECRET not in repr(rotated)
