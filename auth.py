@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatchcase
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from jose import jwt
 from jose.exceptions import JOSEError
 
 from errors import forbidden, unauthorized
+from schemas import token_subject
 from settings import Settings
 
 ACTIONS = frozenset({"publish", "consume", "subscribe", "manage"})
@@ -75,24 +78,55 @@ class MintedToken:
 
 
 class TokenCodec:
-    """The JWT library lives behind `mint` and `read`, so it can be swapped in this one file."""
+    """The JWT library lives behind `mint` and `read`, so it can be swapped in this one file.
 
-    def __init__(self, secret: str, algorithm: str) -> None:
+    Tokens are signed with `secret`; those signed with one of `previous` still verify, so a
+    secret can be rotated without signing everyone out. With `issuer` or `audience` set, tokens
+    carry them and a token without the same is refused.
+    """
+
+    def __init__(
+        self,
+        secret: str,
+        algorithm: str,
+        previous: Sequence[str] = (),
+        issuer: str | None = None,
+        audience: str | None = None,
+    ) -> None:
         self._secret = secret
+        # A list, tried in order (the current secret first): a single string key the library
+        # would first try to read as JSON, and a secret that parses as JSON would change meaning.
+        self._keys = [secret, *previous]
         self._algorithm = algorithm
+        self._issuer, self._audience = issuer, audience
         # Verifying a signature costs more than the rest of a publish; tokens repeat a lot.
         self._verified = lru_cache(maxsize=4096)(self._verify)
+
+    @classmethod
+    def configured(cls, settings: Settings, secret: str) -> TokenCodec:
+        """The codec `settings` describe, around the current `secret` (see `load_secret`)."""
+        return cls(
+            secret,
+            settings.jwt_algorithm,
+            settings.previous_secrets,
+            settings.jwt_issuer,
+            settings.jwt_audience,
+        )
 
     def mint(self, subject: str, scopes: frozenset[str], ttl: timedelta) -> MintedToken:
         now = datetime.now(UTC).replace(microsecond=0)
         minted = MintedToken("", secrets.token_hex(16), subject, scopes, now, now + ttl)
-        claims = {
+        claims: dict[str, str | int] = {
             "sub": subject,
             "scope": " ".join(sorted(scopes)),
             "iat": int(now.timestamp()),
             "exp": int(minted.expires_at.timestamp()),
             "jti": minted.token_id,
         }
+        if self._issuer is not None:
+            claims["iss"] = self._issuer
+        if self._audience is not None:
+            claims["aud"] = self._audience
         token = jwt.encode(claims, self._secret, algorithm=self._algorithm)
         return MintedToken(token, minted.token_id, subject, scopes, now, minted.expires_at)
 
@@ -105,18 +139,37 @@ class TokenCodec:
 
     def _verify(self, token: str) -> Principal:
         try:
-            # Pinning the algorithm refuses `alg: none` and key-confusion tricks.
-            claims = jwt.decode(
-                token,
-                self._secret,
-                algorithms=[self._algorithm],
-                options={"require_exp": True, "require_sub": True},
-            )
-            scopes = parse_scopes(str(claims.get("scope", "")))
-        except (JOSEError, ValueError):
+            return _principal_of(self._decode(token))
+        # Claims of the wrong type or size (`"exp": 1e999`, `"exp": [1]`) get past the library's
+        # checks as TypeError or OverflowError: still only a bad token, never a 500.
+        except (JOSEError, ValueError, TypeError, OverflowError, OSError):
             raise unauthorized("the token is invalid or expired") from None
-        expires = datetime.fromtimestamp(int(claims["exp"]), UTC)
-        return Principal(str(claims["sub"]), scopes, expires, claims.get("jti"))
+
+    def _decode(self, token: str) -> dict[str, Any]:
+        # Pinning the algorithm refuses `alg: none`, RS256 and key-confusion tricks; `nbf` is
+        # checked when present. An `aud` the server does not expect is refused (RFC 7519 §4.1.3).
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            self._keys,
+            algorithms=[self._algorithm],
+            issuer=self._issuer,
+            audience=self._audience,
+            options={
+                "require_exp": True,
+                "require_sub": True,
+                "require_iss": self._issuer is not None,
+                "require_aud": self._audience is not None,
+            },
+        )
+        return claims
+
+
+def _principal_of(claims: dict[str, Any]) -> Principal:
+    """The caller a verified token names (the library checked that `sub` and `jti` are strings);
+    ValueError for a subject or scopes Pombo would never mint."""
+    scopes = parse_scopes(str(claims.get("scope", "")))
+    expires = datetime.fromtimestamp(int(claims["exp"]), UTC)
+    return Principal(token_subject(claims["sub"]), scopes, expires, claims.get("jti"))
 
 
 def load_secret(settings: Settings) -> tuple[str, bool]:

@@ -58,6 +58,20 @@ class BodyTooLarge(HTTPException):
         self.limit = limit
 
 
+class BodyTimeout(HTTPException):
+    """`request_timeout`, raised while a body is read too slowly (see `BodyTooLarge`)."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(408)
+        self.timeout = timeout
+
+
+def request_timeout(timeout: float) -> ApiError:
+    message = f"the request body did not arrive within {timeout:g} s"
+    # The rest of the body may still be on its way: the connection cannot carry another request.
+    return ApiError(408, "request_timeout", message, {"timeout": timeout}, {"Connection": "close"})
+
+
 def unauthorized(reason: str = "a valid token is required") -> ApiError:
     return ApiError(401, "unauthorized", reason)
 
@@ -125,6 +139,11 @@ async def _body_too_large(_: Request, error: Exception) -> JSONResponse:
     return envelope(too_large(error.limit))
 
 
+async def _body_timeout(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, BodyTimeout)
+    return envelope(request_timeout(error.timeout))
+
+
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, HTTPException)
     # FastAPI's own 400 is a JSON body it could not parse even as far as saying where (too deep).
@@ -164,4 +183,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(BodyTooLarge, _body_too_large)
+    app.add_exception_handler(BodyTimeout, _body_timeout)
     app.add_exception_handler(HTTPException, _http_error)

@@ -8,17 +8,20 @@ serves their frames.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from body_limit import READ_DEADLINE, ReadDeadline
 from streams import HEAD
 
 Headers = list[tuple[bytes, bytes]]
@@ -157,20 +160,81 @@ class _Refused(Exception):
 
 
 class BoundedHttpTools(HttpToolsProtocol):
-    """uvicorn's httptools protocol with bounds on the URL and the headers, and every request it
-    refuses itself (too large, or not HTTP) answered in the error envelope, not plain text."""
+    """uvicorn's httptools protocol with bounds on the URL and the headers, a deadline for each
+    request, and every request it refuses itself (too large, too slow, or not HTTP) answered in
+    the error envelope, not plain text.
+
+    uvicorn times only the wait between requests: a client that connected and sent nothing, or
+    sent its headers or its body a byte at a time, held its connection for good (slow loris).
+    Now a request must be whole `read_timeout` seconds after its first byte (or after the
+    connection, for its first request). A late head is answered here; a late body by the app
+    (`body_limit.ReadDeadline`), in the envelope and its access line like any other answer.
+    """
 
     hsts = False
+    read_timeout = 60.0
     _header_bytes = 0
     _refused: _Refused | None = None
+    _timer: asyncio.TimerHandle | None = None
+    _due = 0.0
+    _head_done = False
+    _deadline: ReadDeadline | None = None
 
     @classmethod
-    def configured(cls, hsts: bool) -> type[BoundedHttpTools]:
-        return type(cls.__name__, (cls,), {"hsts": hsts})
+    def configured(cls, hsts: bool, read_timeout: float) -> type[BoundedHttpTools]:
+        return type(cls.__name__, (cls,), {"hsts": hsts, "read_timeout": read_timeout})
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._due = self.loop.time() + self.read_timeout
+        self._arm(self._nothing_came)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._arm(None)
+        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_bytes = 0
+        self._deadline = ReadDeadline(self.read_timeout)
+        cast(dict[str, Any], self.scope)[READ_DEADLINE] = self._deadline
+        self._due, self._head_done = self.loop.time() + self.read_timeout, False
+        self._arm(self._too_slow)
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._head_done = True
+
+    def on_message_complete(self) -> None:
+        self._arm(None)
+        super().on_message_complete()
+
+    def _arm(self, expired: Callable[[], None] | None) -> None:
+        """Call `expired` at the deadline (None: disarm)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None if expired is None else self.loop.call_at(self._due, expired)
+
+    def _nothing_came(self) -> None:
+        self.transport.close()  # nothing to answer, as after an idle keep-alive
+
+    def _too_slow(self) -> None:
+        if self.transport.is_closing():
+            return
+        if self._head_done:
+            self._body_too_slow()
+            return
+        message = f"the request's headers did not arrive within {self.read_timeout:g} s"
+        self._refuse(408, "request_timeout", message, {"timeout": self.read_timeout})
+
+    def _body_too_slow(self) -> None:
+        cycle, deadline = self.cycle, self._deadline
+        if cycle.response_complete or deadline is None:  # answered without its body (a 401)
+            self.transport.close()
+            return
+        deadline.passed = True  # BodyLimit answers 408 at the route's next read...
+        cycle.keep_alive = False  # ...after which the rest of the body cannot be told apart
+        cycle.message_event.set()  # wake that read now
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -186,17 +250,18 @@ class BoundedHttpTools(HttpToolsProtocol):
         super().on_header(name, value)
 
     def send_400_response(self, msg: str) -> None:
+        self._arm(None)
         refused = self._refused
         if refused is None:
-            status, code, message, details = 400, "malformed_request", "not a valid HTTP/1.1 request", {}
-        else:
-            status, code = refused.status, "too_large"
-            message = f"the request's {refused.part} exceed {refused.limit} bytes"
-            details = {"limit": refused.limit}
-        error = {"code": code, "message": message, "details": details}
-        body = json.dumps({"error": error}).encode()
-        reason = {400: b"Bad Request", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
-        lines = [b"HTTP/1.1 %d %s" % (status, reason[status])]
+            self._refuse(400, "malformed_request", "not a valid HTTP/1.1 request", {})
+            return
+        message = f"the request's {refused.part} exceed {refused.limit} bytes"
+        self._refuse(refused.status, "too_large", message, {"limit": refused.limit})
+
+    def _refuse(self, status: int, code: str, message: str, details: dict[str, Any]) -> None:
+        """Answer in the envelope, then close: the rest of the request cannot be read."""
+        body = json.dumps({"error": {"code": code, "message": message, "details": details}}).encode()
+        lines = [b"HTTP/1.1 %d %s" % (status, _REASONS[status])]
         headers = [
             *self.server_state.default_headers,
             (b"content-type", b"application/json"),
@@ -209,3 +274,11 @@ class BoundedHttpTools(HttpToolsProtocol):
         lines += [name + b": " + value for name, value in headers]
         self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
         self.transport.close()
+
+
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+}

@@ -192,7 +192,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 @asynccontextmanager
 async def _running_app(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     secret, generated = load_secret(settings)
-    app.state.codec = TokenCodec(secret, settings.jwt_algorithm)
+    app.state.codec = TokenCodec.configured(settings, secret)
     async with RegisterTortoise(app, config=tortoise_config(settings)):
         if generated:
             await _first_admin_token(settings, app.state.codec)
@@ -313,7 +313,7 @@ def serve(settings: Settings) -> None:
         log_config=None,
         access_log=False,
         loop="uvloop",
-        http=BoundedHttpTools.configured(settings.hsts),
+        http=BoundedHttpTools.configured(settings.hsts, settings.read_timeout_seconds),
         # X-Forwarded-For is read by the app, and only from POMBO_TRUSTED_PROXIES (proxies.py);
         # uvicorn's own rule would believe any local peer.
         proxy_headers=False,
@@ -329,7 +329,7 @@ async def _mint(settings: Settings, subject: str, scopes: frozenset[str], ttl: t
     await prepare_database(settings)
     await Tortoise.init(config=tortoise_config(settings))
     try:
-        minted = await issue_token(TokenCodec(secret, settings.jwt_algorithm), subject, scopes, ttl)
+        minted = await issue_token(TokenCodec.configured(settings, secret), subject, scopes, ttl)
     finally:
         await Tortoise.close_connections()
     return minted.token

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     database_password: SecretStr | None = None
     jwt_secret: SecretStr | None = None
     jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
+    # Secrets tokens were signed with before this one (space- or comma-separated): their tokens
+    # still verify, new ones are signed with POMBO_JWT_SECRET. Drop one once its tokens expired.
+    jwt_previous_secrets: SecretStr | None = None
+    # When set, tokens are minted with this `iss` / `aud`, and a token without the same is refused.
+    jwt_issuer: str | None = Field(default=None, min_length=1, max_length=255)
+    jwt_audience: str | None = Field(default=None, min_length=1, max_length=255)
     anonymous_scopes: str = ""
     # Origins whose pages may call the API and open streams (`https://app.example.com`, comma- or
     # space-separated; `*` for any). None by default: only the API's own origin.
@@ -70,6 +76,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=256 * KIB, ge=1)
     max_batch_items: int = Field(default=1000, ge=1, le=10_000)
     max_batch_bytes: int = Field(default=8 * KIB * KIB, ge=1)
+    # A request's body must arrive whole within this long (8 MiB in 60 s is 1.1 Mbit/s), and so
+    # must its head: a client that trickles either is cut with 408 rather than held.
+    read_timeout_seconds: float = Field(default=60, gt=0, le=3600)
     idempotency_seconds: float = Field(default=24 * 3600, gt=0)
     # Checked before an export starts (a clear 400, never a cut-off file). An XLSX is built whole
     # before its first byte: about 40 s for 100,000 rows on 2 busy cores (measured).
@@ -165,9 +174,21 @@ class Settings(BaseSettings):
     @field_validator("jwt_secret")
     @classmethod
     def _strong_secret(cls, secret: SecretStr | None) -> SecretStr | None:
-        if secret is not None and len(secret.get_secret_value().encode()) < 32:
-            raise ValueError("must be at least 32 bytes (try: openssl rand -hex 32)")
+        if secret is not None:
+            _strong(secret.get_secret_value())
         return secret
+
+    @field_validator("jwt_previous_secrets")
+    @classmethod
+    def _strong_secrets(cls, given: SecretStr | None) -> SecretStr | None:
+        for secret in _secrets(given):
+            _strong(secret, "each ")
+        return given
+
+    @field_validator("jwt_issuer", "jwt_audience", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, given: str | None) -> str | None:
+        return given or None
 
     @model_validator(mode="after")
     def _replicas_share_a_secret(self) -> Settings:
@@ -195,6 +216,10 @@ class Settings(BaseSettings):
         """The SQLite file, when the database is one (not PostgreSQL, not in memory)."""
         path = self.database.removeprefix("sqlite://").split("?")[0]
         return Path(path) if self.is_sqlite and path != ":memory:" else None
+
+    @property
+    def previous_secrets(self) -> tuple[str, ...]:
+        return _secrets(self.jwt_previous_secrets)
 
     @property
     def allowed_origins(self) -> tuple[str, ...]:
@@ -231,6 +256,16 @@ def proxy_networks(given: str) -> tuple[Network, ...]:
         except ValueError:
             raise ValueError(f"{text!r} is not an address or a network such as 10.0.0.0/8") from None
     return tuple(networks)
+
+
+def _secrets(given: SecretStr | None) -> tuple[str, ...]:
+    """The secrets of `POMBO_JWT_PREVIOUS_SECRETS`, separated by spaces or commas."""
+    return tuple(given.get_secret_value().replace(",", " ").split()) if given is not None else ()
+
+
+def _strong(secret: str, each: str = "") -> None:
+    if len(secret.encode()) < 32:
+        raise ValueError(f"{each}must be at least 32 bytes (try: openssl rand -hex 32)")
 
 
 class ClientSettings(BaseSettings):

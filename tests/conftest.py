@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -26,6 +27,7 @@ import httpx
 import pytest
 import redis
 from httpx_sse import ServerSentEvent, aconnect_sse
+from loguru import logger
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -39,7 +41,71 @@ REQUIRE_SERVICES = os.environ.get("POMBO_TEST_REQUIRE_SERVICES") == "1"
 
 
 def mint(subject: str = "tester", scopes: str = "admin", ttl: float = 3600, secret: str = SECRET) -> str:
-    return TokenCodec(secret, "HS256").mint(subject, frozenset(scopes.split()), timedelta(seconds=ttl)).token
+    token = TokenCodec(secret, "HS256").mint(subject, frozenset(scopes.split()), timedelta(seconds=ttl)).token
+    return never_logged(token)
+
+
+# Log hygiene, over the whole session -----------------------------------------------------------
+# Every server's log file and everything logged in this process are read when the session ends:
+# no token, secret or `access_token` value may be in them (tests/test_security.py says why).
+
+NEVER_LOGGED: set[str] = {SECRET}
+SERVER_LOGS: set[Path] = set()
+_IN_PROCESS_LOG: list[str] = []
+# A JWT by its shape (a base64url JSON header and payload, then the signature), so that tokens
+# minted over HTTP or by the CLI are caught without being registered.
+JWT_SHAPE = re.compile(r"eyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*")
+ACCESS_TOKEN_VALUE = re.compile(r"access_token=[^&\s\"']")
+# What a server writes into its data dir that is as secret as a token.
+SECRET_FILES = ("jwt-secret", "admin-token")
+
+
+def never_logged(value: str) -> str:
+    """Register a token or secret that no log line may hold; returns it."""
+    NEVER_LOGGED.add(value)
+    return value
+
+
+def leaks(text: str, where: str) -> list[str]:
+    """What in `text` must not be there, each named without repeating the value."""
+    found = [f"{where}: a registered token or secret ({v[:4]}…)" for v in NEVER_LOGGED if v in text]
+    found += [f"{where}: a JWT ({match[:12]}…)" for match in JWT_SHAPE.findall(text)]
+    found += [f"{where}: an access_token value" for _ in ACCESS_TOKEN_VALUE.findall(text)[:1]]
+    return found
+
+
+def _session_leaks() -> list[str]:
+    for log in SERVER_LOGS:
+        for name in SECRET_FILES:
+            if (log.parent / name).is_file():
+                never_logged((log.parent / name).read_text().strip())
+    found = leaks("".join(_IN_PROCESS_LOG), "this process's log")
+    for log in sorted(SERVER_LOGS):
+        if log.is_file():
+            found += leaks(log.read_text(errors="replace"), log.name)
+    return found
+
+
+_sink_id: int | None = None
+
+
+@pytest.fixture(autouse=True)
+def _capture_in_process_log() -> None:
+    """A loguru sink for this process's lines, put back before each test (code under test may
+    remove every sink, as `configure_logging` does)."""
+    global _sink_id
+    if _sink_id is not None:
+        with contextlib.suppress(ValueError):
+            logger.remove(_sink_id)
+    _sink_id = logger.add(_IN_PROCESS_LOG.append, level="TRACE", format="{message} {extra}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_token_in_any_log() -> Iterator[None]:
+    """Fails the session (an error at its last teardown) when any log held a token or secret."""
+    yield
+    found = _session_leaks()
+    assert not found, "tokens or secrets reached a log:\n" + "\n".join(sorted(set(found))[:20])
 
 
 def auth(token: str) -> dict[str, str]:
@@ -113,6 +179,11 @@ class Server:
 
     def start(self, wait: bool = True) -> Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        SERVER_LOGS.add(self.log_path)
+        for name, value in self.env.items():
+            if "SECRET" in name:
+                for secret in value.replace(",", " ").split():
+                    never_logged(secret)
         env = {**os.environ, "POMBO_PORT": str(self.port), "POMBO_DATA_DIR": str(self.data_dir)}
         env.setdefault("POMBO_ENVIRONMENT", "test")
         env.update({"POMBO_JWT_SECRET": SECRET, **self.env})
