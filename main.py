@@ -67,6 +67,7 @@ from leases import Leases
 from models import Token
 from notifications import Notifications
 from observability import LogFile, RequestContext, configure_logging
+from openapi import document
 from schemas import token_lifetime, token_subject
 from settings import ClientSettings, Settings, SettingsError, load_settings, tortoise_config
 from streams import DirectSend, StreamGate
@@ -119,6 +120,8 @@ def create_app(settings: Settings) -> FastAPI:
         swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.settings = settings
+    # /openapi.json as the server answers (openapi.py), in FastAPI's documented way to extend it.
+    app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     try:
         app.state.anonymous = anonymous(settings.anonymous_scopes)
     except ValueError as error:
@@ -149,6 +152,12 @@ def create_app(settings: Settings) -> FastAPI:
         )
     app.add_middleware(HttpRules, hsts=settings.hsts, docs_pages=DOCS_PAGES, styled_at_run_time=["/redoc"])
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if not app.openapi_schema:
+        app.openapi_schema = document(app, app.state.settings)
+    return app.openapi_schema
 
 
 @asynccontextmanager
