@@ -444,7 +444,12 @@ class NotificationPage(Page[NotificationOut]):
 class TokenIn(Strict):
     sub: Subject = Field(description="who the token speaks for")
     scope: Text = Field(default="", max_length=2000, description='space-separated, e.g. "publish:builds.*"')
-    ttl: Text = Field(default="30d", max_length=20, description="3600, 30m, 12h, 30d")
+    ttl: str = Field(
+        default="30d",
+        max_length=20,
+        pattern=DURATION_PATTERN,
+        description="3600, 30m, 12h, 30d; at most 3650d",
+    )
 
 
 class TokenOut(BaseModel):

@@ -96,9 +96,9 @@ def fuzzed_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 # At least 1,000 cases on SQLite across the three callers (the admin's alone has more).
 SQLITE_RUNS = [
-    Run("SQLite, admin token", mint("fuzz-admin"), 10, 800),
-    Run("SQLite, no token", None, 2, 100, "examples,coverage,fuzzing"),
-    Run("SQLite, narrow token", mint("fuzz-narrow", "publish:q* subscribe:q* consume:a*"), 3, 100),
+    Run("SQLite, admin token", mint("fuzz-admin"), 5, 800),
+    Run("SQLite, no token", None, 1, 100, "examples,coverage,fuzzing"),
+    Run("SQLite, narrow token", mint("fuzz-narrow", "publish:q* subscribe:q* consume:a*"), 2, 100),
 ]
 
 
@@ -115,7 +115,7 @@ def test_fuzzing_finds_nothing_on_sqlite(
 def test_fuzzing_finds_nothing_on_postgres_and_redis(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     need_service("PostgreSQL", 5432)
     need_service("Redis", 6379)
-    run = Run("PostgreSQL + Redis, admin token", mint("fuzz-admin"), 4, 300)
+    run = Run("PostgreSQL + Redis, admin token", mint("fuzz-admin"), 2, 300)
     with postgres_database() as url:
         env = {
             **FUZZ_SETTINGS,

@@ -192,6 +192,7 @@ BATCHES = [
     {"items": [{"body": 1}], "x": 1},
 ]
 PUBLISHES = [{"body": 1, "headers": {"bad name": "x"}}, {"body": 1, "headers": {"ok-name": "x"}}]
+TOKENS = [{"sub": "svc", "ttl": "soon"}, {"sub": "svc", "ttl": "1h"}, {"sub": "svc", "ttl": " 90 "}]
 
 
 async def test_the_server_takes_exactly_what_the_schema_allows(
@@ -208,6 +209,7 @@ async def test_the_server_takes_exactly_what_the_schema_allows(
             ("post", "/api/v1/queues/{queue}/messages", f"/api/v1/queues/{queue}/messages", b)
             for b in PUBLISHES
         ),
+        *(("post", "/api/v1/tokens", "/api/v1/tokens", body) for body in TOKENS),
     ]
     async with sqlite_server.client() as http:
         assert (await http.post("/api/v1/queues", json={"name": queue})).status_code == 201
