@@ -67,7 +67,11 @@ def fuzz(server: Server, run: Run, report_dir: Path) -> dict[str, Any]:
         command.append(f"--header=Authorization: Bearer {run.token}")
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks", "PYTHONPATH": str(HERE)}
     began = time.monotonic()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=150, check=False)
+    # In the report's folder: schemathesis keeps a crash cache in its working directory, which a
+    # later run would replay first (neither reproducible nor wanted in the checkout).
+    done = subprocess.run(
+        command, cwd=report_dir, env=env, capture_output=True, text=True, timeout=150, check=False
+    )
     seconds = time.monotonic() - began
     [path] = report_dir.glob("*.json")
     report: dict[str, Any] = json.loads(path.read_text())
@@ -124,8 +128,10 @@ def test_fuzzing_finds_nothing_on_postgres_and_redis(tmp_path: Path, request: py
             "POMBO_REDIS_PREFIX": unique("fuzz"),
         }
         server = Server(tmp_path / "server", env).start()
+        report = tmp_path / "report"
+        report.mkdir()
         try:
-            check(fuzz(server, run, tmp_path / "report"), run, request.config)
+            check(fuzz(server, run, report), run, request.config)
             assert "unhandled error" not in server.log()
         finally:
             server.stop()
