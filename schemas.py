@@ -330,7 +330,8 @@ class Items(BaseModel, Generic[T]):
 NotificationPriorityName = Literal["low", "medium", "high", "urgent"]
 # A relative path or an http(s) URL: never `javascript:` in a link a person clicks.
 # `//host` and `/\\host` are other hosts to a browser, so a relative path must not start so.
-ACTION_URL_PATTERN = r"^(/([^/\\\s\x00][^\s\x00]*)?|(?i:https?)://[^\s\x00]+)$"
+# Spelled for ECMAScript too (JSON Schema's regex dialect), which has no `(?i:…)`.
+ACTION_URL_PATTERN = r"^(/([^/\\\s\x00][^\s\x00]*)?|[Hh][Tt][Tt][Pp][Ss]?://[^\s\x00]+)$"
 Subject = Annotated[Text, Field(min_length=1, max_length=255)]
 
 

@@ -7,7 +7,9 @@ against the schema the document gives for that status.
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import httpx
 import jsonschema_rs
 import pytest
-from conftest import ADMIN, Listener, Server, auth, mint, unique
+from conftest import ADMIN, Listener, Server, auth, mint, need_tool, unique
 
 from main import create_app
 from settings import load_settings
@@ -172,6 +174,32 @@ def test_publishing_headers_and_the_resume_header_are_documented(document: dict[
     stream = document["paths"]["/api/v1/queues/{queue}/stream"]["get"]
     [resume] = [p for p in stream["parameters"] if p["name"] == "Last-Event-ID"]
     assert resume["schema"]["pattern"] == "^[0-9]{1,19}$"
+
+
+def patterns(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from [inner] if key == "pattern" else patterns(inner)
+    elif isinstance(value, list):
+        for inner in value:
+            yield from patterns(inner)
+
+
+# Compiles each pattern as JSON Schema's dialect, ECMAScript, with the Unicode flag; prints the
+# ones that fail.
+COMPILE = (
+    "for (const p of JSON.parse(process.argv[1])) { try { new RegExp(p, 'u') } catch { console.log(p) } }"
+)
+
+
+def test_every_pattern_is_an_ecmascript_regex(document: dict[str, Any]) -> None:
+    need_tool("node")
+    found = sorted(set(patterns(document)))
+    assert len(found) >= 5
+    refused = subprocess.run(
+        ["node", "-e", COMPILE, json.dumps(found)], capture_output=True, text=True, check=True
+    )
+    assert refused.stdout == "", refused.stdout
 
 
 # The schema and the server agree ----------------------------------------------------------
