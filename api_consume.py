@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from deps import AuthFirst, CurrentPrincipal, LeasesDep, QueueName, ResourceId
+from errors import answers
 from leases import Claim, Outcome
 from schemas import (
     AckBatchIn,
@@ -31,7 +32,7 @@ async def claim(
     return Items(items=claimed)
 
 
-@router.post("/messages/{message_id}/ack")
+@router.post("/messages/{message_id}/ack", responses=answers(409))
 async def ack(
     queue: QueueName, message_id: ResourceId, body: LeaseIn, leases: LeasesDep, principal: CurrentPrincipal
 ) -> MessageOut:
@@ -40,7 +41,7 @@ async def ack(
     return acked
 
 
-@router.post("/ack")
+@router.post("/ack", responses=answers(409))
 async def ack_many(
     queue: QueueName, body: AckBatchIn, leases: LeasesDep, principal: CurrentPrincipal
 ) -> Items[MessageOut]:
@@ -49,7 +50,7 @@ async def ack_many(
     return Items(items=await leases.ack(queue, [Outcome(item.id, item.lease_id) for item in body.items]))
 
 
-@router.post("/messages/{message_id}/nack")
+@router.post("/messages/{message_id}/nack", responses=answers(409))
 async def nack(
     queue: QueueName, message_id: ResourceId, body: NackIn, leases: LeasesDep, principal: CurrentPrincipal
 ) -> MessageOut:
@@ -58,7 +59,7 @@ async def nack(
     return await leases.nack(queue, Outcome(message_id, body.lease_id), body.error, body.delay)
 
 
-@router.post("/messages/{message_id}/extend")
+@router.post("/messages/{message_id}/extend", responses=answers(409))
 async def extend(
     queue: QueueName, message_id: ResourceId, body: ExtendIn, leases: LeasesDep, principal: CurrentPrincipal
 ) -> MessageOut:

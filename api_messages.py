@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -26,6 +26,7 @@ from deps import (
     settings_of,
 )
 from errors import (
+    answers,
     bad_request,
     field_errors,
     invalid_encoding,
@@ -37,6 +38,7 @@ from exports import DOWNLOADS, Format, message_export, respond
 from hub import MessageFilter
 from models import MessageStatus, Priority
 from schemas import (
+    DURATION_PATTERN,
     JSON,
     NO_NUL,
     Draft,
@@ -48,9 +50,16 @@ from schemas import (
     UtcDatetime,
     parse_duration,
 )
+from settings import Settings
 
 router = APIRouter(prefix="/api/v1/queues/{queue}/messages", tags=["messages"], route_class=AuthFirst)
 
+
+def _header(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "header", "required": False, "schema": schema, "description": description}
+
+
+_TEXT_ONLY = "for a text body (a JSON body says it in its own fields)"
 _PUBLISH_DOCS = {
     "requestBody": {
         "required": True,
@@ -59,12 +68,28 @@ _PUBLISH_DOCS = {
             "text/plain": {"schema": {"type": "string", "pattern": NO_NUL}, "example": "backup done"},
         },
     },
-    "security": CALLER_DOCS["security"],
+    **CALLER_DOCS,
     "parameters": [
-        *CALLER_DOCS["parameters"],
-        {"name": "Idempotency-Key", "in": "header", "schema": TypeAdapter(IdempotencyKey).json_schema()},
+        _header("Idempotency-Key", TypeAdapter(IdempotencyKey).json_schema(), "de-duplicates, per queue"),
+        _header("X-Type", PublishIn.model_json_schema()["properties"]["type"], _TEXT_ONLY),
+        _header("X-Priority", {"type": "string", "enum": list(get_args(PriorityName))}, _TEXT_ONLY),
+        _header("X-Delay", {"type": "string", "pattern": DURATION_PATTERN}, f"30, 30s, 5m, 2h; {_TEXT_ONLY}"),
     ],
 }
+
+BATCH_PATH = "/api/v1/queues/{queue}/messages/batch"
+
+
+def batch_body(max_items: int) -> dict[str, Any]:
+    """The batch's request body in OpenAPI: `{"items": [...]}` of 1 to `max_items` (a setting)."""
+    items = {"type": "array", "items": PublishIn.model_json_schema(), "minItems": 1, "maxItems": max_items}
+    schema = {
+        "type": "object",
+        "required": ["items"],
+        "additionalProperties": False,
+        "properties": {"items": items},
+    }
+    return {"required": True, "content": {JSON: {"schema": schema}}}
 
 
 class PublishedItems(BaseModel):
@@ -78,7 +103,10 @@ class PublishedItems(BaseModel):
     status_code=201,
     response_model=MessageOut,
     openapi_extra=_PUBLISH_DOCS,
-    responses={200: {"description": "an earlier message with the same Idempotency-Key"}},
+    responses={
+        200: {"description": "an earlier message with the same Idempotency-Key", "model": MessageOut},
+        **answers(409),
+    },
 )
 async def publish(request: Request, queue: QueueName) -> Response:
     """A JSON envelope (`Content-Type: application/json`) or any text body, as `curl -d` sends it."""
@@ -100,18 +128,10 @@ async def publish(request: Request, queue: QueueName) -> Response:
     "/batch",
     status_code=201,
     response_model=PublishedItems,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                JSON: {
-                    "schema": {
-                        "type": "object",
-                        "properties": {"items": {"type": "array", "items": PublishIn.model_json_schema()}},
-                    }
-                }
-            },
-        }
+    openapi_extra={"requestBody": batch_body(Settings.model_fields["max_batch_items"].default)},
+    responses={
+        200: {"description": "every item an earlier message", "model": PublishedItems},
+        **answers(409),
     },
 )
 async def publish_batch(

@@ -20,6 +20,7 @@ from tortoise.backends.asyncpg.client import AsyncpgDBClient
 from auth import Principal
 from availability import PROBE_TIMEOUT, Availability, unavailable_cause
 from deps import CALLER_DOCS, caller, hub_of, settings_of
+from errors import answers
 from hub import Hub, Window
 from metrics import Recorder, Sample
 from models import Queue, utcnow
@@ -36,7 +37,10 @@ _ALL = Window(limit=1_000_000, offset=0)
     "/metrics",
     response_class=Response,
     openapi_extra={"security": CALLER_DOCS["security"]},
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},
+        **answers(403),
+    },
 )
 async def metrics(request: Request) -> Response:
     """The figures in Prometheus's text format; the metric list is in the README."""

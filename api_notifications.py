@@ -22,6 +22,7 @@ from deps import (
     stream_cursor,
     stream_gate_of,
 )
+from errors import answers
 from exports import DOWNLOADS, Format, notification_export, respond
 from models import NotificationPriority
 from notifications import NotificationFilter, user_log
@@ -76,7 +77,7 @@ async def mark_all_read(notifications: NotificationsDep, principal: CurrentPrinc
     return Changed(changed=await notifications.mark_all_read(principal.subject))
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=answers(403, 404))
 async def create_notifications(
     spec: NotificationCreate, notifications: NotificationsDep, principal: CurrentPrincipal
 ) -> Items[NotificationOut]:

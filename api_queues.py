@@ -22,6 +22,7 @@ from deps import (
     stream_cursor,
     stream_gate_of,
 )
+from errors import answers
 from exports import DOWNLOADS, Format, event_export, respond
 from hub import queue_log
 from schemas import INT64_MAX, EventOut, Page, QueueCreate, QueueOut, QueueUpdate
@@ -30,7 +31,7 @@ from streams import documented_as_sse, live_queue_log, open_stream
 router = APIRouter(prefix="/api/v1/queues", tags=["queues"], route_class=AuthFirst)
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=answers(403, 409))
 async def create_queue(spec: QueueCreate, hub: HubDep, principal: CurrentPrincipal) -> QueueOut:
     principal.require("manage", spec.name)
     return await hub.create_queue(spec, owner=principal.subject)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from availability import PROBE_TIMEOUT, Availability
-from deps import AuthFirst, AvailabilityDep, CurrentPrincipal, HubDep
+from deps import AuthFirst, AvailabilityDep, CurrentPrincipal, HubDep, hub_of
 from errors import RETRY_AFTER_SECONDS
 from hub import Hub
-from schemas import Me
+from schemas import Me, Readiness
 
 router = APIRouter(tags=["system"], route_class=AuthFirst)
 
@@ -21,12 +21,20 @@ WRITER_FRESH_SECONDS = 5.0
 
 
 @router.get("/healthz")
-async def healthz(hub: HubDep) -> dict[str, str | int]:
+async def healthz(request: Request) -> dict[str, str | int]:
     """The process is up; `streams` counts the SSE streams it holds open."""
-    return {"status": "ok", "streams": hub.broker.subscriber_count}
+    # The hub from the request, not `HubDep`: that dependency says a route reaches the database.
+    return {"status": "ok", "streams": hub_of(request).broker.subscriber_count}
 
 
-@router.get("/readyz", responses={503: {"description": "a write cannot succeed now"}})
+_READY = {"model": Readiness, "description": "`status` is `ready`, or `degraded` without the broker"}
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={200: _READY, 503: {"model": Readiness, "description": "a write cannot succeed now"}},
+)
 async def readyz(hub: HubDep, availability: AvailabilityDep) -> JSONResponse:
     """Whether this replica can serve writes now: the database answers and the writer commits.
 

@@ -6,13 +6,13 @@ from fastapi import APIRouter
 
 from auth import parse_scopes
 from deps import AuthFirst, CurrentPrincipal, ResourceId, TokensDep, WindowDep
-from errors import validation_error
+from errors import answers, validation_error
 from schemas import MintedTokenOut, Page, TokenIn, TokenOut, token_lifetime
 
 router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"], route_class=AuthFirst)
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=answers(403))
 async def mint_token(body: TokenIn, tokens: TokensDep, principal: CurrentPrincipal) -> MintedTokenOut:
     """The token is in this answer only: Pombo keeps its id, subject, scopes and expiry."""
     principal.require_scope("admin")
@@ -32,14 +32,14 @@ async def mint_token(body: TokenIn, tokens: TokensDep, principal: CurrentPrincip
     )
 
 
-@router.get("")
+@router.get("", responses=answers(403))
 async def list_tokens(tokens: TokensDep, principal: CurrentPrincipal, window: WindowDep) -> Page[TokenOut]:
     principal.require_scope("admin")
     items, total = await tokens.list(window.limit, window.offset)
     return Page.of(items, total, window.limit, window.offset)
 
 
-@router.delete("/{token_id}")
+@router.delete("/{token_id}", responses=answers(403))
 async def revoke_token(token_id: ResourceId, tokens: TokensDep, principal: CurrentPrincipal) -> TokenOut:
     """From now on this token is refused (on other replicas within a sweep, about a second)."""
     principal.require_scope("admin")

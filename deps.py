@@ -11,7 +11,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import request_params_to_args
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.responses import Response
 
 from auth import Principal, TokenCodec
@@ -21,12 +21,21 @@ from hub import Hub, Window
 from leases import Leases
 from models import QUEUE_NAME_PATTERN
 from notifications import Notifications
-from schemas import INT64_MAX, NO_NUL
+from schemas import ID_LENGTH, INT64_MAX, NO_NUL
 from settings import Settings
 from streams import StreamGate, resume_cursor
 from tokens import Revocations, TokenStore
 
-_bearer = HTTPBearer(auto_error=False, description="a token from `python main.py token`")
+# The two ways a token comes: OpenAPI's security schemes `bearer` and `access_token`.
+_bearer = HTTPBearer(
+    auto_error=False, scheme_name="bearer", description="a token from `python main.py token`"
+)
+_access_token = APIKeyQuery(
+    name="access_token",
+    scheme_name="access_token",
+    auto_error=False,
+    description="the token in the query, for EventSource, which cannot send headers",
+)
 
 
 def hub_of(request: Request) -> Hub:
@@ -67,9 +76,7 @@ async def _settings(request: Request) -> Settings:
 async def _principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    access_token: Annotated[
-        str | None, Query(description="for EventSource, which cannot send headers")
-    ] = None,
+    access_token: Annotated[str | None, Depends(_access_token)],
 ) -> Principal:
     del credentials, access_token  # declared for OpenAPI and validation; caller() reads both
     return caller(request)
@@ -152,26 +159,17 @@ def _sequence(given: str | None, where: str) -> int | None:
     raise validation_error({where: [_SEQUENCE]})
 
 
-# What the `CurrentPrincipal` dependency adds to a route's OpenAPI, for a route calling caller().
+# What the `CurrentPrincipal` dependency adds to a route's OpenAPI, for a route calling caller():
+# either scheme will do.
 CALLER_DOCS: dict[str, Any] = {
-    "security": [{_bearer.scheme_name: []}],
-    "parameters": [
-        {
-            "name": "access_token",
-            "in": "query",
-            "required": False,
-            "schema": {"type": "string"},
-            "description": "for EventSource, which cannot send headers",
-        }
-    ],
+    "security": [{_bearer.scheme_name: []}, {_access_token.scheme_name: []}],
 }
 
 
 # What a stream route calling caller() and stream_cursor() documents.
 STREAM_DOCS: dict[str, Any] = {
-    "security": CALLER_DOCS["security"],
+    **CALLER_DOCS,
     "parameters": [
-        *CALLER_DOCS["parameters"],
         {
             "name": "last_event_id",
             "in": "query",
@@ -183,8 +181,8 @@ STREAM_DOCS: dict[str, Any] = {
             "name": "Last-Event-ID",
             "in": "header",
             "required": False,
-            "schema": {"type": "string"},
-            "description": "set by EventSource; wins over last_event_id",
+            "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"},
+            "description": f"set by EventSource; wins over last_event_id ({_SEQUENCE})",
         },
     ],
 }
@@ -209,7 +207,7 @@ QueueName = Annotated[
     str, Path(pattern=QUEUE_NAME_PATTERN, description="lowercase letters, digits, `.`, `_`, `-`")
 ]
 # Ids are opaque: one the server never gave out is a 404, but a NUL must not reach the database.
-ResourceId = Annotated[str, Path(pattern=NO_NUL, max_length=64)]
+ResourceId = Annotated[str, Path(pattern=NO_NUL, max_length=ID_LENGTH)]
 TypeFilter = Annotated[str | None, Query(pattern=NO_NUL, max_length=64)]
 
 
@@ -234,7 +232,20 @@ class AuthFirst(APIRoute):
 
 
 def _takes_caller(dependant: Dependant) -> bool:
-    return any(d.call is _principal or _takes_caller(d) for d in dependant.dependencies)
+    return _depends_on(dependant, (_principal,))
+
+
+def _depends_on(dependant: Dependant, calls: tuple[Callable[..., Any], ...]) -> bool:
+    return any(d.call in calls or _depends_on(d, calls) for d in dependant.dependencies)
+
+
+# What routes that read or write the database depend on (direct routes call their `_of`s).
+_STORED: tuple[Callable[..., Any], ...] = (_hub, _leases, _notifications, _tokens)
+
+
+def reaches_database(route: APIRoute) -> bool:
+    """Whether `route` reads or writes the database, so that an outage answers it 503."""
+    return isinstance(route, DirectRoute) or _depends_on(route.dependant, _STORED)
 
 
 Endpoint = Callable[..., Coroutine[Any, Any, Response]]

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 
@@ -101,6 +102,46 @@ def unavailable(message: str, **details: Any) -> ApiError:
 
 # What a 503 tells a client to wait before it tries again: an outage's end is noticed within a second.
 RETRY_AFTER_SECONDS = 1
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    code: str = Field(description="what went wrong, for programs: `queue_not_found`, `validation_error`…")
+    message: str = Field(description="the same, for people")
+    details: dict[str, Any] = Field(description="what the code names: a field's problems, a limit…")
+
+
+class ErrorOut(BaseModel):
+    """The body of every error answer."""
+
+    model_config = ConfigDict(extra="forbid")
+    error: ErrorDetail
+
+
+# Each status an error answer can have, and the codes it carries (DECISIONS.md §11): the OpenAPI
+# document's description of it (openapi.py).
+ERROR_STATUSES: dict[int, str] = {
+    400: "a request the schema cannot judge: `malformed_json`, `invalid_content_length`, `invalid_utf8`, "
+    "`invalid_encoding`, `export_too_large`",
+    401: "`unauthorized`: no valid token, as `Authorization: Bearer …` or `access_token`",
+    403: "`forbidden`: the token lacks the scope `details.needed`",
+    404: "`<thing>_not_found`: `queue_not_found`, `message_not_found`, `notification_not_found`, "
+    "`token_not_found`",
+    408: "`request_timeout`: the body did not arrive within the read deadline",
+    409: "a conflict: `queue_exists`, `queue_deleted`, `lease_expired`, `lease_mismatch`, "
+    "`idempotency_conflict`",
+    413: "`too_large`: the body is over `details.limit` bytes",
+    415: "`unsupported_charset`: a text body in a charset this server does not know",
+    422: "`validation_error`: `details` names each field and its problems",
+    429: "`rate_limited`: come back after `Retry-After` seconds",
+    503: "`unavailable`: the database cannot serve now; come back after `Retry-After` seconds",
+}
+
+
+def answers(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """For a route's `responses=`: error statuses its own logic can answer, beyond those
+    `openapi.py` derives from its parameters and dependencies."""
+    return {status: {"description": ERROR_STATUSES[status]} for status in statuses}
 
 
 def envelope(error: ApiError) -> JSONResponse:

@@ -69,6 +69,7 @@ from metrics import Metrics, Recorder
 from models import Token
 from notifications import Notifications
 from observability import LogFile, RequestContext, configure_logging
+from openapi import document
 from rate_counts import Counters
 from rate_limits import RateLimits
 from schemas import parse_duration, token_lifetime, token_subject
@@ -137,6 +138,8 @@ def create_app(settings: Settings) -> FastAPI:
         swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.settings = settings
+    # /openapi.json as the server answers (openapi.py), in FastAPI's documented way to extend it.
+    app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     try:
         app.state.anonymous = anonymous(settings.anonymous_scopes)
     except ValueError as error:
@@ -179,6 +182,12 @@ def create_app(settings: Settings) -> FastAPI:
         )
     app.add_middleware(HttpRules, hsts=settings.hsts, docs_pages=DOCS_PAGES, styled_at_run_time=["/redoc"])
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if not app.openapi_schema:
+        app.openapi_schema = document(app, app.state.settings)
+    return app.openapi_schema
 
 
 @asynccontextmanager

@@ -37,7 +37,8 @@ from models import (
 PriorityName = Literal["low", "normal", "high", "urgent"]
 TYPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$"
 JSON = "application/json"
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+DURATION_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$"
+_DURATION = re.compile(DURATION_PATTERN)
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 T = TypeVar("T")
 # PostgreSQL's text cannot hold U+0000 and SQLite's can: so that both take the same requests,
@@ -103,7 +104,21 @@ class QueueCreate(QueueSettings):
     name: str = Field(pattern=QUEUE_NAME_PATTERN)
 
 
+def _null_only_for_alert_after(schema: dict[str, Any]) -> None:
+    """What `_not_null` enforces, in the JSON schema: a field may be left out, not null."""
+    for name, spec in schema["properties"].items():
+        choices = spec.pop("anyOf", None)
+        if choices is not None and name != "alert_after":
+            spec.update(next(choice for choice in choices if choice.get("type") != "null"))
+        elif choices is not None:
+            spec["anyOf"] = choices
+        if name != "alert_after":
+            spec.pop("default", None)
+
+
 class QueueUpdate(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_null_only_for_alert_after)
+
     description: Text | None = Field(default=None, max_length=2000)
     visibility_timeout: float | None = Field(default=None, gt=0, le=12 * 3600)
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
@@ -165,7 +180,10 @@ class PublishIn(Strict):
     priority: PriorityName = "normal"
     delay: float | None = Field(default=None, ge=0, le=365 * 86400)
     not_before: UtcDatetime | None = None
-    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict, max_length=64)
+    # A name that does not match the pattern is refused, not ignored: no additionalProperties.
+    headers: dict[HeaderName, HeaderValue] = Field(
+        default_factory=dict, max_length=64, json_schema_extra={"additionalProperties": False}
+    )
     idempotency_key: IdempotencyKey | None = None
 
 
@@ -287,7 +305,10 @@ class ClaimIn(Strict):
     wait: float = Field(default=0, ge=0, le=20, description="long-poll up to this many seconds")
 
 
-Id = Annotated[Text, Field(min_length=1, max_length=64)]
+# Every id column (models.py) holds 36 characters: Tortoise refuses a longer value even in a
+# filter, so a longer id is refused here (422) rather than reaching it (500).
+ID_LENGTH = 36
+Id = Annotated[Text, Field(min_length=1, max_length=ID_LENGTH)]
 
 
 class LeaseIn(Strict):
@@ -322,7 +343,8 @@ class Items(BaseModel, Generic[T]):
 NotificationPriorityName = Literal["low", "medium", "high", "urgent"]
 # A relative path or an http(s) URL: never `javascript:` in a link a person clicks.
 # `//host` and `/\\host` are other hosts to a browser, so a relative path must not start so.
-ACTION_URL_PATTERN = r"^(/([^/\\\s\x00][^\s\x00]*)?|(?i:https?)://[^\s\x00]+)$"
+# Spelled for ECMAScript too (JSON Schema's regex dialect), which has no `(?i:…)`.
+ACTION_URL_PATTERN = r"^(/([^/\\\s\x00][^\s\x00]*)?|[Hh][Tt][Tt][Pp][Ss]?://[^\s\x00]+)$"
 Subject = Annotated[Text, Field(min_length=1, max_length=255)]
 
 
@@ -335,7 +357,7 @@ class NotificationCreate(Strict):
     action_url: str | None = Field(default=None, max_length=2000, pattern=ACTION_URL_PATTERN)
     expires_at: UtcDatetime | None = None
     queue: str | None = Field(default=None, pattern=QUEUE_NAME_PATTERN)
-    message_id: Text | None = Field(default=None, max_length=36)
+    message_id: Text | None = Field(default=None, max_length=ID_LENGTH)
 
     @field_validator("expires_at")
     @classmethod
@@ -436,7 +458,12 @@ class NotificationPage(Page[NotificationOut]):
 class TokenIn(Strict):
     sub: Subject = Field(description="who the token speaks for")
     scope: Text = Field(default="", max_length=2000, description='space-separated, e.g. "publish:builds.*"')
-    ttl: Text = Field(default="30d", max_length=20, description="3600, 30m, 12h, 30d")
+    ttl: str = Field(
+        default="30d",
+        max_length=20,
+        pattern=DURATION_PATTERN,
+        description="3600, 30m, 12h, 30d; at most 3650d",
+    )
 
 
 class TokenOut(BaseModel):
@@ -461,6 +488,11 @@ class TokenOut(BaseModel):
 
 class MintedTokenOut(TokenOut):
     token: str = Field(description="shown once: Pombo keeps only its id")
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "degraded", "unavailable"]
+    checks: dict[str, Literal["ok", "down"]] = Field(description="database, writer and broker")
 
 
 class Me(BaseModel):

@@ -40,6 +40,15 @@ REDIS_URL = os.environ.get("POMBO_TEST_REDIS", "redis://127.0.0.1:6379/0")
 REQUIRE_SERVICES = os.environ.get("POMBO_TEST_REQUIRE_SERVICES") == "1"
 
 
+# Lines a test adds here are printed in the terminal summary (schemathesis's case counts).
+SUMMARY_LINES = pytest.StashKey[list[str]]()
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    for line in config.stash.get(SUMMARY_LINES, []):
+        terminalreporter.write_line(line)
+
+
 def mint(subject: str = "tester", scopes: str = "admin", ttl: float = 3600, secret: str = SECRET) -> str:
     token = TokenCodec(secret, "HS256").mint(subject, frozenset(scopes.split()), timedelta(seconds=ttl)).token
     return never_logged(token)
