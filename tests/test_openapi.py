@@ -91,14 +91,14 @@ def test_fastapis_own_422_shape_is_gone(document: dict[str, Any]) -> None:
     ("path", "method", "expected"),
     [
         # A body, a queue in the path, a conflict of its own, the database: everything.
-        ("/api/v1/queues/{queue}/messages", "post", {400, 401, 403, 404, 409, 413, 415, 422, 429, 503}),
+        ("/api/v1/queues/{queue}/messages", "post", {400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 503}),
         (
             "/api/v1/queues/{queue}/messages/{message_id}/ack",
             "post",
-            {400, 401, 403, 404, 409, 413, 422, 429, 503},
+            {400, 401, 403, 404, 408, 409, 413, 422, 429, 503},
         ),
         ("/api/v1/queues/{queue}/messages/{message_id}", "get", {401, 403, 404, 422, 429, 503}),
-        ("/api/v1/queues", "post", {400, 401, 403, 409, 413, 422, 429, 503}),
+        ("/api/v1/queues", "post", {400, 401, 403, 408, 409, 413, 422, 429, 503}),
         ("/api/v1/queues/{queue}/events", "get", {400, 401, 403, 404, 422, 429, 503}),
         ("/api/v1/queues/{queue}/stream", "get", {401, 403, 404, 422, 429, 503}),
         # Nothing to validate, no scope to lack: only the token, the limits and the database.
