@@ -21,8 +21,8 @@ import redis.asyncio as aioredis
 from loguru import logger
 from redis.exceptions import RedisError
 
-from log_pages import SharedReads, read_heads, read_page
-from schemas import Update
+from event_log import Heads, Update, read_heads, read_page
+from log_pages import SharedReads
 
 # Batches waiting for Redis; past this, Redis is too far behind and replicas re-read instead.
 OUTBOX_LIMIT = 10_000
@@ -182,7 +182,7 @@ class LocalFanout:
     def __init__(self) -> None:
         self._by_log: dict[str, set[Subscriber]] = {}
         self._count = 0
-        self._heads: dict[str, int] = {}
+        self._heads = Heads()
         self._live: set[str] = set()
         self._gone = 0  # deletions delivered: a lookup that raced one is not remembered
         self._clock: asyncio.TimerHandle | None = None
@@ -208,7 +208,7 @@ class LocalFanout:
                 subscribers.discard(subscriber)
                 if not subscribers:
                     del self._by_log[log]
-                    self._heads.pop(log, None)
+                    self._heads.forget(log)
 
     def deliver(self, updates: Sequence[Update]) -> None:
         heads, backlog = self._heads, self._backlog
@@ -220,9 +220,7 @@ class LocalFanout:
             subscribers = self._by_log.get(update.log)
             if not subscribers:
                 continue
-            # Every event committed before this one has a lower number: the head is exact.
-            if heads.get(update.log, 0) < update.seq:
-                heads[update.log] = update.seq
+            heads.advance(update.log, update.seq)
             backlog.append((update, tuple(subscribers)))
         if backlog and not pending:
             self._offer_slice()
@@ -252,8 +250,8 @@ class LocalFanout:
 
     def learn_head(self, log: str, seq: int) -> None:
         """Remember a head read from the database, for as long as the log has subscribers here."""
-        if log in self._by_log and self._heads.get(log, 0) < seq:
-            self._heads[log] = seq
+        if log in self._by_log:
+            self._heads.advance(log, seq)
 
     def known_live(self, log: str) -> bool:
         """Whether the database said the log's queue is live, and no deletion came since."""
@@ -510,7 +508,7 @@ class RedisBroker(LocalFanout):
         """
         subscribers = self._by_log.get(log, ())
         if subscribers:
-            self._heads[log] = head
+            self._heads.set(log, head)
         for subscriber in subscribers:
             subscriber.catch_up()
 

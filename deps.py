@@ -1,4 +1,4 @@
-"""The typed dependencies route handlers take (the hub, the settings, the caller), and the
+"""The typed dependencies route handlers take (the hub, the broker, the settings, the caller), and the
 `DirectRoute` for the hottest routes, which take none."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from auth import Principal, TokenCodec
 from availability import Availability
+from broker import Broker
 from errors import unauthorized, validation_error
 from hub import Hub, Window
 from leases import Leases
@@ -32,6 +33,11 @@ _bearer = HTTPBearer(auto_error=False, description="a token from `python main.py
 def hub_of(request: Request) -> Hub:
     hub: Hub = request.app.state.hub
     return hub
+
+
+def broker_of(request: Request) -> Broker:
+    broker: Broker = request.app.state.broker
+    return broker
 
 
 def settings_of(request: Request) -> Settings:
@@ -58,6 +64,10 @@ def notifications_of(request: Request) -> Notifications:
 # thread pool, a thread hop per request each. Routes that skip dependencies call the `_of`s.
 async def _hub(request: Request) -> Hub:
     return hub_of(request)
+
+
+async def _broker(request: Request) -> Broker:
+    return broker_of(request)
 
 
 async def _settings(request: Request) -> Settings:
@@ -190,6 +200,7 @@ def _bearer_token(request: Request) -> str | None:
 
 
 HubDep = Annotated[Hub, Depends(_hub)]
+BrokerDep = Annotated[Broker, Depends(_broker)]
 AvailabilityDep = Annotated[Availability, Depends(_availability)]
 TokensDep = Annotated[TokenStore, Depends(_tokens)]
 NotificationsDep = Annotated[Notifications, Depends(_notifications)]

@@ -1,4 +1,4 @@
-"""Server-Sent Events for any log: subscribe, replay from the database, then go live.
+"""Following logs as Server-Sent Events: subscribe, replay from the database, then go live.
 
 The subscription is taken before the response starts, so nothing committed after the client
 connected can slip between replay and live. Live updates at or below what was sent are dropped;
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Container, Coroutine
@@ -20,58 +19,22 @@ from functools import partial
 from typing import Any, cast
 
 from loguru import logger
-from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import Receive, Send
 
 from auth import Principal
 from availability import unavailable_cause
 from broker import Broker, Subscriber
 from errors import rate_limited
-from hub import Hub, queue_log
+from event_log import Update, queue_log
 from log_pages import Page
-from schemas import Update
 from settings import Settings
+from sse import HEARTBEAT, SSE_HEADERS, StreamResponse, control_frame, frame, more_body, page_chunks
 
 REPLAY_PAGE = 500
-CHUNK_BYTES = 64 * 1024
-DETACHED = "pombo.detached"
-HEAD = "pombo.head"  # set by http_rules.HttpRules on a HEAD it passes on as a GET
 # How long a client over its stream cap waits before it tries again: long enough that a
 # runaway one costs little, short enough that a browser tab whose place came free soon resumes.
 BUSY_RETRY_SECONDS = 10
-HEARTBEAT = b":\n\n"
-
-
-def frame(update: Update) -> bytes:
-    """The SSE frame for an update, encoded once and shared by every subscriber."""
-    encoded = update.frame
-    if encoded is None:
-        encoded = f"id: {update.seq}\nevent: {update.type}\ndata: {update.data}\n\n".encode()
-        update.frame = encoded
-    return encoded
-
-
-def page_chunks(page: Page) -> list[bytes]:
-    """A page's frames joined into writes of about CHUNK_BYTES, once for every stream that sends it.
-
-    A write per frame made a storm of streams catching up spend seconds in socket calls; one
-    write per page would copy what the client has not taken yet into every stream's buffer.
-    """
-    if page.chunks is None:
-        chunks, piece, size = [], [], 0
-        for update in page.updates:
-            piece.append(frame(update))
-            size += len(piece[-1])
-            if size >= CHUNK_BYTES:
-                chunks.append(b"".join(piece))
-                piece, size = [], 0
-        page.chunks = [*chunks, b"".join(piece)] if piece else chunks
-    return page.chunks
-
-
-def control_frame(event: str, data: dict[str, object]) -> bytes:
-    """A frame outside the log (no `id:`), so it never moves the client's cursor."""
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
 def resume_cursor(header: int | None, query: int | None) -> int | None:
@@ -290,7 +253,7 @@ class LogStream:
         chunk = self._take(update)
         if chunk is None:
             return True
-        sending = cast(Coroutine[Any, Any, None], self._send(_body(chunk)))
+        sending = cast(Coroutine[Any, Any, None], self._send(more_body(chunk)))
         try:
             waiting = sending.send(None)
         except StopIteration:
@@ -335,7 +298,7 @@ class LogStream:
     async def _write(self, chunk: bytes) -> None:
         subscriber = self._subscriber
         subscriber.sending_since = asyncio.get_running_loop().time()
-        await self._send(_body(chunk))
+        await self._send(more_body(chunk))
         subscriber.sending_since = 0.0
 
     def abandon(self) -> None:
@@ -355,113 +318,22 @@ class LogStream:
         return expires is not None and expires.timestamp() <= time.time() + 0.05
 
 
-def _body(chunk: bytes) -> Message:
-    return {"type": "http.response.body", "body": chunk, "more_body": True}
-
-
 async def _watch_disconnect(receive: Receive, subscriber: Subscriber) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
     subscriber.close()
 
 
-# See https://html.spec.whatwg.org/multipage/server-sent-events.html and nginx's X-Accel-Buffering:
-# a buffering proxy would hold events back. Endless: chunked, never a Content-Length.
-_HEADERS = (
-    (b"cache-control", b"no-store"),
-    (b"x-accel-buffering", b"no"),
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-)
-
-
-class StreamResponse(Response):
-    """SSE written straight to the ASGI `send`, after the request's middleware has finished.
-
-    The response start goes through every middleware (status, request id, access line); then the
-    stream is handed to `DirectSend`, the outermost layer, so an idle stream holds no middleware
-    frames, no `Request` and no dependency stacks: a few coroutines and one disconnect watcher.
-    Heartbeats come from the stream itself, a client that stops reading is cut by the
-    `cut_stalled` watchdog, and on shutdown the stream ends cleanly (the client resumes elsewhere).
-    Measured in NOTES.md.
-    """
-
-    media_type = "text/event-stream"
-
-    def __init__(self, stream: LogStream) -> None:
-        # Not Response.__init__: the headers are always these, built once (_HEADERS).
-        self.status_code = 200
-        self.background = None
-        self.body = b""
-        self.raw_headers = list(_HEADERS)
-        self._stream = stream
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        try:
-            await send(start)
-        except BaseException:
-            self._stream.abandon()
-            raise
-        if scope.get(HEAD):  # what a GET would start, without the stream
-            self._stream.abandon()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-        self._stream.request_id = _request_id(start)
-        detached: list[LogStream] | None = scope.get(DETACHED)
-        if detached is None:  # no DirectSend around the app: stream from here
-            await self._stream.serve(receive, send)
-        else:
-            detached.append(self._stream)
-
-
-def _request_id(start: Message) -> str:
-    for name, value in start["headers"]:
-        if name == b"x-request-id":
-            return bytes(value).decode("latin-1")
-    return "-"
-
-
-class DirectSend:
-    """Outermost ASGI layer: serves streams with the server's own `send`, after the app returned.
-
-    Each frame of a stream otherwise passes through every middleware's `send` wrapper, which
-    profiles showed to be most of the cost of a delivery at 1,000 subscribers; and an idle stream
-    otherwise keeps every middleware's frame, its `Request` and its scope alive.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        detached: list[LogStream] = []
-        # The app's scope is a copy: what the middleware adds to it is freed when it returns.
-        await self.app({**scope, DETACHED: detached}, receive, send)
-        if detached:
-            await detached.pop().serve(receive, send)
-
-
-def documented_as_sse(description: str) -> dict[str, Any]:
-    """Route options that show a stream in OpenAPI: `@router.get(path, **documented_as_sse(…))`."""
-    return {
-        # OpenAPI reads a status code off the class; the route returns a StreamResponse anyway.
-        "response_class": JSONResponse,
-        "responses": {200: {"content": {"text/event-stream": {}}, "description": description}},
-    }
-
-
-async def live_queue_log(hub: Hub, name: str) -> str:
+async def live_queue_log(broker: Broker, name: str, live_queue: Callable[[str], Awaitable[object]]) -> str:
     """The queue's log, once the queue is known live: from the broker's memory when it can be.
 
-    The same answer as `hub.live_queue` (`not_found` otherwise), without its database read for
+    The same answer as `live_queue(name)` (`not_found` otherwise), without its database read for
     every stream a crowd of browsers opens on one queue: the crowd shares the first reads.
     """
-    log, broker = queue_log(name), hub.broker
+    log = queue_log(name)
     if not broker.known_live(log):
         mark = broker.live_mark()
-        await broker.reads.shared(("live", log), partial(hub.live_queue, name))
+        await broker.reads.shared(("live", log), partial(live_queue, name))
         broker.learn_live(log, mark)
     return log
 
@@ -481,12 +353,12 @@ def busy(subject: str, cap: int, accept: str) -> Response:
         raise rate_limited(message, BUSY_RETRY_SECONDS, limit=cap)
     data = {"reason": "too_many_streams", "message": message, "limit": cap, "retry_after": BUSY_RETRY_SECONDS}
     body = f"retry: {BUSY_RETRY_SECONDS * 1000}\n\n".encode() + control_frame("stream.busy", data)
-    headers = {name.decode(): value.decode() for name, value in _HEADERS if name != b"content-type"}
-    return Response(body, 200, headers, media_type=_HEADERS[2][1].decode())
+    headers = {name.decode(): value.decode() for name, value in SSE_HEADERS if name != b"content-type"}
+    return Response(body, 200, headers, media_type=SSE_HEADERS[2][1].decode())
 
 
 def open_stream(
-    hub: Hub,
+    broker: Broker,
     settings: Settings,
     principal: Principal,
     log: str,
@@ -513,5 +385,5 @@ def open_stream(
         heartbeat=settings.heartbeat_seconds,
         side_frame=side_frame,
     )
-    subscriber = hub.broker.subscribe([log], settings.subscriber_buffer)
-    return StreamResponse(LogStream(hub.broker, subscriber, spec, gate))
+    subscriber = broker.subscribe([log], settings.subscriber_buffer)
+    return StreamResponse(LogStream(broker, subscriber, spec, gate))
