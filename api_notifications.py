@@ -25,7 +25,7 @@ from deps import (
 from event_log import user_log
 from exports import DOWNLOADS, Format, notification_export, respond
 from models import NotificationPriority
-from notifications import NotificationFilter
+from notifications import NotificationFilter, Notifications
 from schemas import (
     Changed,
     Items,
@@ -37,7 +37,7 @@ from schemas import (
     NotificationStats,
 )
 from sse import control_frame, documented_as_sse
-from streams import open_stream
+from streams import Side, open_stream
 
 router = APIRouter(prefix="/api/v1/notifications", tags=["notifications"], route_class=AuthFirst)
 
@@ -101,15 +101,18 @@ async def stream_notifications(request: Request) -> Response:
     notifications = notifications_of(request)
     principal = caller(request)
     cursor = stream_cursor(request)
+    side, gate = unread_count_side(notifications, principal.subject), stream_gate_of(request)
+    accept = request.headers.get("accept", "")
+    return open_stream(broker, settings, principal, {side.log: cursor}, gate=gate, accept=accept, side=side)
+
+
+def unread_count_side(notifications: Notifications, subject: str) -> Side:
+    """`unread_count` on connect and after each change to the person's notifications."""
 
     async def unread() -> bytes:
-        return control_frame(
-            "unread_count", {"unread_count": await notifications.unread_count(principal.subject)}
-        )
+        return control_frame("unread_count", {"unread_count": await notifications.unread_count(subject)})
 
-    log, gate = user_log(principal.subject), stream_gate_of(request)
-    accept = request.headers.get("accept", "")
-    return open_stream(broker, settings, principal, log, cursor, side_frame=unread, gate=gate, accept=accept)
+    return Side(user_log(subject), unread)
 
 
 @router.patch("/{notification_id}")

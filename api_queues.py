@@ -22,6 +22,7 @@ from deps import (
     settings_of,
     stream_cursor,
     stream_gate_of,
+    stream_types,
 )
 from event_log import count_after, queue_log, read_page
 from exports import DOWNLOADS, Format, event_export, respond
@@ -124,7 +125,7 @@ async def stream_queue(request: Request, queue: QueueName) -> Response:
     principal.require("subscribe", queue)
     cursor = stream_cursor(request)
     log = await live_queue_log(broker, queue, hub.live_queue)
-    given = request.query_params.getlist("types")
-    wanted = frozenset(t.strip() for text in given for t in text.split(",") if t.strip()) or None
     gate, accept = stream_gate_of(request), request.headers.get("accept", "")
-    return open_stream(broker, settings, principal, log, cursor, wanted, gate=gate, accept=accept)
+    return open_stream(
+        broker, settings, principal, {log: cursor}, stream_types(request), gate=gate, accept=accept
+    )

@@ -46,8 +46,10 @@ class Update:
     type: str
     data: str
     at: str
-    # Its SSE frame, encoded by the first stream that sends it and shared by the rest.
+    # Its SSE frames, encoded by the first stream that sends each and shared by the rest: a
+    # log's own stream's, and (less its `id:`) a stream of several logs'.
     frame: bytes | None = field(default=None, repr=False, compare=False)
+    labelled: bytes | None = field(default=None, repr=False, compare=False)
 
 
 def utc_text(moment: datetime) -> str:

@@ -202,6 +202,10 @@ class Hub:
             raise not_found("queue", name)
         return queue
 
+    async def live_queue_names(self) -> list[str]:
+        names = await Queue.filter(deleted_at__isnull=True).values_list("name", flat=True)
+        return [str(name) for name in names]
+
 
 async def _expire_in(tx: Tx, queue: Queue, limit: int) -> int:
     cutoff = tx.now - timedelta(seconds=queue.retention_seconds)

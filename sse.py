@@ -42,6 +42,31 @@ def frame(update: Update) -> bytes:
     return encoded
 
 
+def labelled_frame(update: Update, label: str, cursor: str) -> bytes:
+    """The frame for an update in a stream of several logs: its `id:` is the stream's whole
+    cursor, and its data the resource with the log's `label` as `log`."""
+    rest = update.labelled
+    if rest is None:
+        # The resource is a JSON object: `log` goes in as its first member, without a parse.
+        members = update.data[1:]
+        glue = "" if members.lstrip().startswith("}") else ","
+        data = f'{{"log":{json.dumps(label)}{glue}{members}'
+        rest = update.labelled = f"event: {update.type}\ndata: {data}\n\n".encode()
+    return b"id: " + cursor.encode() + b"\n" + rest
+
+
+def joined_chunks(frames: list[bytes]) -> list[bytes]:
+    """Frames joined into writes of about CHUNK_BYTES (see `page_chunks`)."""
+    chunks, piece, size = [], [], 0
+    for encoded in frames:
+        piece.append(encoded)
+        size += len(encoded)
+        if size >= CHUNK_BYTES:
+            chunks.append(b"".join(piece))
+            piece, size = [], 0
+    return [*chunks, b"".join(piece)] if piece else chunks
+
+
 def page_chunks(page: Page) -> list[bytes]:
     """A page's frames joined into writes of about CHUNK_BYTES, once for every stream that sends it.
 
@@ -49,14 +74,7 @@ def page_chunks(page: Page) -> list[bytes]:
     write per page would copy what the client has not taken yet into every stream's buffer.
     """
     if page.chunks is None:
-        chunks, piece, size = [], [], 0
-        for update in page.updates:
-            piece.append(frame(update))
-            size += len(piece[-1])
-            if size >= CHUNK_BYTES:
-                chunks.append(b"".join(piece))
-                piece, size = [], 0
-        page.chunks = [*chunks, b"".join(piece)] if piece else chunks
+        page.chunks = joined_chunks([frame(update) for update in page.updates])
     return page.chunks
 
 
