@@ -131,7 +131,7 @@ def _followed(request: Request) -> tuple[list[str], bool]:
         q.strip() for text in request.query_params.getlist("queue") for q in text.split(",") if q.strip()
     ]
     wanted = list(dict.fromkeys(given))
-    bad = [q for q in wanted if _QUEUE.match(q) is None and not is_pattern(q)]
+    bad = [q for q in wanted if _QUEUE.fullmatch(q) is None and not is_pattern(q)]
     notifications = _BOOLEANS.get(request.query_params.get("notifications", "false").strip().lower())
     problems: dict[str, list[str]] = {}
     if bad:

@@ -22,6 +22,7 @@ NOTIFICATIONS = "@notifications"
 # where `*` also matches dots, as in scopes).
 PATTERN = r"^(?=.*[*?])[a-z0-9._*?-]{1,64}$"
 _QUEUE = re.compile(QUEUE_NAME_PATTERN)
+_PATTERN = re.compile(PATTERN)
 
 
 def label_of(log: str) -> str:
@@ -45,7 +46,7 @@ def read_cursor(text: str, read_seq: Callable[[str], int | None]) -> dict[str, i
     for pair in text.strip().split(","):
         label, colon, given = pair.strip().partition(":")
         seq = read_seq(given)
-        known = label == NOTIFICATIONS or _QUEUE.match(label) is not None
+        known = label == NOTIFICATIONS or _QUEUE.fullmatch(label) is not None
         if not colon or seq is None or not known or label in positions:
             return None
         positions[label] = seq
@@ -53,7 +54,7 @@ def read_cursor(text: str, read_seq: Callable[[str], int | None]) -> dict[str, i
 
 
 def is_pattern(name: str) -> bool:
-    return re.match(PATTERN, name) is not None
+    return _PATTERN.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)
