@@ -21,6 +21,9 @@ NOTIFICATIONS = "@notifications"
 # A queue pattern: the characters of a queue name, and at least one `*` or `?` (shell globs,
 # where `*` also matches dots, as in scopes).
 PATTERN = r"^(?=.*[*?])[a-z0-9._*?-]{1,64}$"
+_LABEL = f"(?:{NOTIFICATIONS}|{QUEUE_NAME_PATTERN.strip('^$')}):[0-9]{{1,19}}"
+# The cursor as the stream writes it (a reader also takes spaces around its pairs).
+CURSOR_PATTERN = f"^{_LABEL}(?:,{_LABEL})*$"
 _QUEUE = re.compile(QUEUE_NAME_PATTERN)
 _PATTERN = re.compile(PATTERN)
 
