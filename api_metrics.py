@@ -19,6 +19,7 @@ from tortoise.backends.asyncpg.client import AsyncpgDBClient
 
 from auth import Principal
 from availability import PROBE_TIMEOUT, Availability, unavailable_cause
+from broker import Broker
 from deps import CALLER_DOCS, caller, hub_of, settings_of
 from errors import answers
 from hub import Hub, Window
@@ -47,12 +48,11 @@ async def metrics(request: Request) -> Response:
     if not settings_of(request).metrics_public:
         caller(request).require_scope("metrics")
     recorder: Recorder = request.app.state.metrics
-    sample = await _sample(hub_of(request), request.app.state.availability)
+    sample = await _sample(hub_of(request), request.app.state.broker, request.app.state.availability)
     return Response(recorder.render(sample), media_type=CONTENT_TYPE_LATEST)
 
 
-async def _sample(hub: Hub, availability: Availability) -> Sample:
-    broker = hub.broker
+async def _sample(hub: Hub, broker: Broker, availability: Availability) -> Sample:
     connected = getattr(broker, "connected", None)  # only Redis can be cut off
     sample = Sample(
         ready=not (availability.is_down("database") or availability.is_down("writer")),

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from availability import PROBE_TIMEOUT, Availability
-from deps import AuthFirst, AvailabilityDep, CurrentPrincipal, HubDep, hub_of
+from broker import Broker
+from deps import AuthFirst, AvailabilityDep, BrokerDep, CurrentPrincipal, HubDep
 from errors import RETRY_AFTER_SECONDS
 from hub import Hub
 from schemas import Me, Readiness
@@ -21,10 +22,9 @@ WRITER_FRESH_SECONDS = 5.0
 
 
 @router.get("/healthz")
-async def healthz(request: Request) -> dict[str, str | int]:
+async def healthz(broker: BrokerDep) -> dict[str, str | int]:
     """The process is up; `streams` counts the SSE streams it holds open."""
-    # The hub from the request, not `HubDep`: that dependency says a route reaches the database.
-    return {"status": "ok", "streams": hub_of(request).broker.subscriber_count}
+    return {"status": "ok", "streams": broker.subscriber_count}
 
 
 _READY = {"model": Readiness, "description": "`status` is `ready`, or `degraded` without the broker"}
@@ -35,7 +35,7 @@ _READY = {"model": Readiness, "description": "`status` is `ready`, or `degraded`
     response_model=Readiness,
     responses={200: _READY, 503: {"model": Readiness, "description": "a write cannot succeed now"}},
 )
-async def readyz(hub: HubDep, availability: AvailabilityDep) -> JSONResponse:
+async def readyz(hub: HubDep, broker: BrokerDep, availability: AvailabilityDep) -> JSONResponse:
     """Whether this replica can serve writes now: the database answers and the writer commits.
 
     `checks` names each part `ok` or `down`. A broker that is down leaves the replica ready
@@ -44,7 +44,7 @@ async def readyz(hub: HubDep, availability: AvailabilityDep) -> JSONResponse:
     checks = {
         "database": await availability.check("database"),
         "writer": await _writer_ok(hub, availability),
-        "broker": await _broker_ok(hub),
+        "broker": await _broker_ok(broker),
     }
     ready = checks["database"] and checks["writer"]
     status = "unavailable" if not ready else "ready" if checks["broker"] else "degraded"
@@ -68,8 +68,8 @@ async def _writer_ok(hub: Hub, availability: Availability) -> bool:
     return await availability.check("writer")
 
 
-async def _broker_ok(hub: Hub) -> bool:
+async def _broker_ok(broker: Broker) -> bool:
     try:
-        return await asyncio.wait_for(hub.broker.ready(), PROBE_TIMEOUT)
+        return await asyncio.wait_for(broker.ready(), PROBE_TIMEOUT)
     except TimeoutError:
         return False

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from body_limit import READ_DEADLINE, ReadDeadline
-from streams import HEAD
+from sse import HEAD
 
 Headers = list[tuple[bytes, bytes]]
 

@@ -30,11 +30,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from starlette.types import Scope
 
-from schemas import Update
+from event_log import Update
 
 _now = time.time
 # Queue names cannot start with "_": the rest of the queues can never be taken for one of them.
 OTHER = "_other"
+# Open streams, by what they follow: one queue, one person's notifications, or several logs.
+STREAM_KINDS = ("queue", "notifications", "multiplexed")
 # How often the named queues are chosen again, at a scrape, from what each did meanwhile.
 RELABEL_SECONDS = 60.0
 # Message events counted, and the word for each on `/metrics`.
@@ -67,9 +69,9 @@ class Metrics:
     def replayed(self, events: int) -> None:
         """A stream wrote `events` read back from the database in one page."""
 
-    def stream_opened(self, log: str) -> None: ...
+    def stream_opened(self, kind: str) -> None: ...
 
-    def stream_closed(self, log: str) -> None: ...
+    def stream_closed(self, kind: str) -> None: ...
 
     def request(self, scope: Scope, status: int, seconds: float) -> None:
         """An HTTP request answered `status` after `seconds` (a stream: when it started)."""
@@ -203,11 +205,11 @@ class Recorder(Metrics):
     def replayed(self, events: int) -> None:
         self.replays += events
 
-    def stream_opened(self, log: str) -> None:
-        self.streams[stream_kind(log)] += 1
+    def stream_opened(self, kind: str) -> None:
+        self.streams[kind] += 1
 
-    def stream_closed(self, log: str) -> None:
-        self.streams[stream_kind(log)] -= 1
+    def stream_closed(self, kind: str) -> None:
+        self.streams[kind] -= 1
 
     def request(self, scope: Scope, status: int, seconds: float) -> None:
         route = scope.get("route")
@@ -226,10 +228,6 @@ class Recorder(Metrics):
                 del self.messages[key]
         self.sample = sample
         return generate_latest(self.registry)
-
-
-def stream_kind(log: str) -> str:
-    return "notifications" if log.startswith("user:") else "queue"
 
 
 class _Families(Collector):
@@ -276,7 +274,7 @@ class _Families(Collector):
     def _streams(self) -> Iterator[Metric]:
         r = self._recorder
         open_ = GaugeMetricFamily("pombo_streams_open", "SSE streams open, by kind", labels=["kind"])
-        for kind in ("queue", "notifications"):
+        for kind in STREAM_KINDS:
             open_.add_metric([kind], r.streams[kind])
         yield open_
         delivered = CounterMetricFamily(
