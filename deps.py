@@ -22,6 +22,7 @@ from leases import Leases
 from models import QUEUE_NAME_PATTERN
 from notifications import Notifications
 from schemas import INT64_MAX, NO_NUL
+from sessions import session_token
 from settings import Settings
 from streams import StreamGate, resume_cursor
 from tokens import Revocations, TokenStore
@@ -76,22 +77,28 @@ async def _principal(
 
 
 def caller(request: Request) -> Principal:
-    """Who sent `request`: its bearer token (header, else `access_token` query) or anonymous.
+    """Who sent `request`: its bearer token (header, else `access_token` query), else the
+    dashboard's session cookie, else anonymous.
 
     Routes take it as a dependency (`CurrentPrincipal`); publish and the streams call it
     directly, since FastAPI's dependency solving measured a fifth of their CPU or more.
     """
-    token = _bearer_token(request)
+    token = _bearer_token(request) or session_token(request)
     if token:
-        codec: TokenCodec = request.app.state.codec
-        principal = codec.read(token)
-        if principal.token_id is not None and principal.token_id in revocations_of(request):
-            raise unauthorized("the token was revoked")
-        return principal
+        return token_principal(request, token)
     anonymous: Principal | None = request.app.state.anonymous
     if anonymous is None:
         raise unauthorized()
     return anonymous
+
+
+def token_principal(request: Request, token: str) -> Principal:
+    """Who `token` speaks for: 401 if it is invalid, expired or revoked."""
+    codec: TokenCodec = request.app.state.codec
+    principal = codec.read(token)
+    if principal.token_id is not None and principal.token_id in revocations_of(request):
+        raise unauthorized("the token was revoked")
+    return principal
 
 
 async def _window(

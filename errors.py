@@ -66,6 +66,11 @@ def forbidden(scope: str) -> ApiError:
     return ApiError(403, "forbidden", f"this token lacks the scope {scope!r}", {"needed": scope})
 
 
+def cross_origin(reason: str) -> ApiError:
+    message = f"a request signed in by the session cookie must come from this server's own pages: {reason}"
+    return ApiError(403, "cross_origin", message)
+
+
 def rate_limited(message: str, retry_after: int, **details: Any) -> ApiError:
     return ApiError(429, "rate_limited", message, details, {"Retry-After": str(retry_after)})
 

@@ -45,6 +45,7 @@ import api_notifications
 import api_queues
 import api_system
 import api_tokens
+import dashboard
 from auth import (
     ADMIN_TOKEN_FILE,
     TokenCodec,
@@ -104,7 +105,7 @@ CORS_MAX_AGE = 600  # seconds a browser may keep a preflight's answer
 
 # fastapi-offline's pages (it registers them itself, so app.docs_url is None).
 DOCS_PAGES = ("/docs", "/docs/oauth2-redirect", "/redoc")
-_DOCUMENTED_IN_ORDER = ("system", "tokens", "queues", "messages", "consume", "notifications")
+_DOCUMENTED_IN_ORDER = ("system", "tokens", "queues", "messages", "consume", "notifications", "dashboard")
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -130,7 +131,11 @@ def create_app(settings: Settings) -> FastAPI:
     for module in modules:
         app.include_router(module.router)
     # Every route, for the `Allow` of a 405 (errors.allowed_methods).
-    app.state.routes = [*app.router.routes, *(route for module in modules for route in module.router.routes)]
+    dashboard.install(app)
+    app.state.routes = [
+        *app.router.routes,
+        *(route for module in (*modules, dashboard) for route in module.router.routes),
+    ]
     app.add_middleware(BodyLimit, limit=max(settings.max_batch_bytes, settings.max_body_bytes))
     # Lists, exports and docs assets; never a stream (Starlette excludes text/event-stream).
     app.add_middleware(GzipReads, minimum_size=GZIP_MIN_BYTES, compresslevel=GZIP_LEVEL)
