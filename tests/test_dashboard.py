@@ -11,10 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ROOT, Server, auth, mint, need_tool, unique
+from conftest import ARTEFACTS, Server, auth, mint, need_tool, unique
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
-ARTEFACTS = ROOT / "tests" / "artefacts"  # git-ignored: screenshots for people to look at
 DESKTOP = {"width": 1360, "height": 860}
 PHONE = {"width": 390, "height": 844}
 HOSTILE = "<img src=x onerror=alert(1)>"
