@@ -1,7 +1,7 @@
 // A queue: its live event feed, its messages (filters, paging, detail), publishing, redrive, exports.
 
 import { api, query, queuePath } from "./api.js";
-import { rate, throughputChart } from "./chart.js";
+import { legend, throughputChart } from "./chart.js";
 import { connectionBadge } from "./shell.js";
 import { clock, count, dialog, field, h, replace, toast } from "./dom.js";
 import { download, redo, send } from "./icons.js";
@@ -204,7 +204,7 @@ export function queueView(main, { access, stream, follow }, name, messageId) {
   function draw() {
     const series = stream.rates.series(name);
     chart.draw(series);
-    rates.textContent = `${rate(series.published)} published · ${rate(series.acked)} acked`;
+    legend(rates, series, ["published", "acked"]);
   }
 
   const offs = [stream.on("event", onEvent), stream.on("reset", (m) => m.log === name && reload()), badge.off];

@@ -2,7 +2,7 @@
 // chart each, all from the stream; create, change, delete and restore for those who may manage.
 
 import { api, query, queuePath } from "./api.js";
-import { rate, throughputChart } from "./chart.js";
+import { legend, throughputChart } from "./chart.js";
 import { count, dialog, field, h, replace, toast } from "./dom.js";
 import { plus } from "./icons.js";
 
@@ -82,7 +82,7 @@ export function queuesView(main, { access, stream, follow }) {
     for (const [name, item] of rows) {
       const series = stream.rates.series(name);
       item.chart.draw(series);
-      item.rates.textContent = `${rate(series.published)} in · ${rate(series.acked)} out`;
+      legend(item.rates, series);
     }
   }
 
