@@ -22,6 +22,7 @@ from errors import ApiError
 from schemas import Me, Strict
 from sessions import forget, keep, require_same_origin, session_token
 
+PAGE = "/"
 FILES = Path(__file__).resolve().parent / "dashboard"
 # Revalidated on every load (an ETag makes that a 304): a new release is never half cached.
 NO_CACHE = {"Cache-Control": "no-cache"}
@@ -33,7 +34,7 @@ class SignIn(Strict):
     token: str = Field(min_length=1, max_length=8192, description="a token from `python main.py token`")
 
 
-@router.get("/", include_in_schema=False)
+@router.get(PAGE, include_in_schema=False)
 async def page() -> FileResponse:
     return FileResponse(FILES / "index.html", headers=NO_CACHE)
 

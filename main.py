@@ -152,7 +152,13 @@ def create_app(settings: Settings) -> FastAPI:
             expose_headers=CORS_RESPONSE_HEADERS,
             max_age=CORS_MAX_AGE,
         )
-    app.add_middleware(HttpRules, hsts=settings.hsts, docs_pages=DOCS_PAGES, styled_at_run_time=["/redoc"])
+    app.add_middleware(
+        HttpRules,
+        hsts=settings.hsts,
+        docs_pages=DOCS_PAGES,
+        styled_at_run_time=["/redoc"],
+        trusted_pages=[dashboard.PAGE],
+    )
     return app
 
 

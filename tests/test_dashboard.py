@@ -252,6 +252,9 @@ async def test_a_hostile_body_is_shown_as_text_and_runs_nothing(sqlite_server: S
     await page.wait_for_timeout(300)  # an image that failed to load would have fired its handler
     assert await page.locator("img").count() == 0
     assert browser_tabs.dialogs == [] and browser_tabs.problems == []
+    # And should code one day hand a string to an HTML sink, the page refuses it (Trusted Types).
+    tried = "() => { try { document.body.insertAdjacentHTML('beforeend', '<b>x</b>'); return 'ran' }"
+    assert await page.evaluate(tried + " catch (e) { return e.name } }") == "TypeError"
 
 
 async def test_after_a_restart_the_feed_resumes_with_every_event_once(make_server: Any, tabs: Any) -> None:

@@ -132,6 +132,7 @@ async def test_the_page_and_its_files_need_no_token(sqlite_server: Server, http:
     assert page.headers["cache-control"] == "no-cache"
     policy = page.headers["content-security-policy"]
     assert "default-src 'self'" in policy and "unsafe-inline" not in policy
+    assert "require-trusted-types-for 'script'; trusted-types pombo" in policy
     script = await http.get("/dashboard/js/main.js")
     assert script.status_code == 200 and "javascript" in script.headers["content-type"]
     assert (await http.head("/")).status_code == 200

@@ -7,6 +7,14 @@ import { Connection } from "./connection.js";
 import { Rates } from "./rates.js";
 
 const REQUESTS = new Set(["hello", "plan", "stop"]);
+const WORKER = new URL("./stream-worker.js", import.meta.url).href;
+// The page enforces Trusted Types (its CSP): this policy admits the worker's own URL, nothing else.
+const scriptUrls = globalThis.trustedTypes?.createPolicy("pombo", {
+  createScriptURL: (url) => {
+    if (url !== WORKER) throw new TypeError(`not the stream worker: ${url}`);
+    return url;
+  },
+});
 
 export class Stream extends EventTarget {
   constructor() {
@@ -34,7 +42,8 @@ export class Stream extends EventTarget {
   }
 
   viaWorker() {
-    const worker = new SharedWorker(new URL("./stream-worker.js", import.meta.url), { type: "module", name: "pombo-stream" });
+    const url = scriptUrls ? scriptUrls.createScriptURL(WORKER) : WORKER;
+    const worker = new SharedWorker(url, { type: "module", name: "pombo-stream" });
     worker.port.onmessage = ({ data }) => this.receive(data);
     worker.port.start();
     this.post = (message) => worker.port.postMessage(message);
