@@ -12,8 +12,10 @@ const LOG_EVENTS = [
   "notification.created", "notification.read", "notification.deleted",
 ];
 const CONTROL_EVENTS = ["unread_count", "stream.reset", "stream.expired", "stream.busy"];
-// When EventSource has given up (an answer that is not a stream), try again after this long.
+// When EventSource has given up, try again after this long: soon when the server could not be
+// reached, later when it answered with an error (it will likely answer the same for a while).
 const RETRY_MS = 3000;
+const REFUSED_RETRY_MS = 30000;
 
 export class Connection {
   constructor(send) {
@@ -63,16 +65,15 @@ export class Connection {
     }
   }
 
-  // EventSource gives up for good on any answer but a 200 stream: learn why, then try again.
+  // EventSource gives up for good on any answer but a 200 stream, and does not say which: ask
+  // the same URL again to learn why, then sign the tabs out (401), or say so and try again.
   async failed(source) {
     source.events = null;
-    const me = await fetch("/api/v1/me", { credentials: "same-origin" }).catch(() => null);
-    if (me?.status === 401) {
-      const body = await me.json().catch(() => null);
-      this.signedOut(body?.error?.message ?? "the session ended");
-      return;
-    }
-    if (this.sources.includes(source)) source.timer = setTimeout(() => this.connect(source), RETRY_MS);
+    const why = await probe(source.spec.url);
+    if (!this.sources.includes(source)) return;
+    if (why.status === 401) return this.signedOut(why.message ?? "the session ended");
+    if (why.message) this.send({ kind: "problem", message: why.message });
+    source.timer = setTimeout(() => this.connect(source), why.status ? REFUSED_RETRY_MS : RETRY_MS);
   }
 
   receive(source, event) {
@@ -88,8 +89,10 @@ export class Connection {
     if (CONTROL_EVENTS.includes(type) || !event.lastEventId) return this.send({ kind: "event", type, log, seq: null, data });
     this.cursors[source.spec.key] = event.lastEventId;
     const seq = source.spec.seqOf(event.lastEventId, log);
-    if (seq <= (this.positions.get(log) ?? 0)) return; // passed on already
-    this.positions.set(log, seq);
+    if (Number.isFinite(seq)) {
+      if (seq <= (this.positions.get(log) ?? 0)) return; // passed on already
+      this.positions.set(log, seq);
+    }
     this.rates.count(type, data);
     this.send({ kind: "event", type, log, seq, data, cursors: this.cursors });
   }
@@ -126,5 +129,20 @@ export class Connection {
     this.positions.clear();
     this.cursors = {};
     this.everOpen = false;
+  }
+}
+
+// `{status, message}` of a stream URL's answer when it is not a stream; status 0 when unreachable.
+async function probe(url) {
+  const aborting = new AbortController();
+  try {
+    const answer = await fetch(url, { credentials: "same-origin", signal: aborting.signal });
+    if (answer.ok) return { status: 0 }; // a stream after all: try again
+    const body = await answer.json().catch(() => null);
+    return { status: answer.status, message: body?.error?.message };
+  } catch {
+    return { status: 0 };
+  } finally {
+    aborting.abort();
   }
 }

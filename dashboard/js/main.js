@@ -7,6 +7,7 @@ import { queuesView } from "./queues.js";
 import { shell } from "./shell.js";
 import { signInView } from "./signin.js";
 import { Stream } from "./stream.js";
+import { toast } from "./dom.js";
 
 const root = document.getElementById("app");
 const stream = new Stream();
@@ -33,9 +34,19 @@ function end(reason) {
   showSignIn(ENDED[reason] ?? `Your session ended: ${reason}. Sign in again.`);
 }
 
-function start(me) {
+// What the one stream follows: the token's subscribe patterns, and the queues it names one by
+// one that exist (a stream refuses a queue that does not), plus its notifications.
+async function planFor(access) {
+  const patterns = access.patterns();
+  const named = patterns.filter((pattern) => !/[*?[]/.test(pattern));
+  const existing = named.length ? (await api("/queues?limit=200")).items.map((queue) => queue.name) : [];
+  const queues = patterns.filter((pattern) => !named.includes(pattern) || existing.includes(pattern));
+  return { subject: access.subject, queues, notifications: true };
+}
+
+async function start(me) {
   const access = new Access(me);
-  const plan = { subject: access.subject, queues: access.patterns(), notifications: true, names: [] };
+  const plan = { ...(await planFor(access)), names: [] };
   // Until the stream takes patterns, the queues to follow by name (sources.js).
   const follow = (names) => {
     const wanted = [...new Set([...names, ...plan.names])].slice(0, 4);
@@ -72,6 +83,7 @@ function route() {
 
 onSignedOut((message) => end(message));
 stream.on("signed-out", (message) => end(message));
+stream.on("problem", (message) => toast(`Live updates paused: ${message}`, "error"));
 addEventListener("hashchange", route);
 api("/session").then(
   ({ me, ended }) => (me ? start(me) : showSignIn(ended ? ENDED[ended] ?? `Your session ended: ${ended}.` : undefined)),
