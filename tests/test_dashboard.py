@@ -281,6 +281,85 @@ async def test_a_hostile_body_is_shown_as_text_and_runs_nothing(sqlite_server: S
     assert await page.evaluate(tried + " catch (e) { return e.name } }") == "TypeError"
 
 
+async def test_a_manager_creates_changes_deletes_and_restores_a_queue(
+    sqlite_server: Server, tabs: Any
+) -> None:
+    name = unique("made")
+    browser_tabs: Tabs = await tabs(sqlite_server)
+    page = await browser_tabs.sign_in(mint("maker", "manage:made-* subscribe:made-*"))
+    await page.click("text=New queue")
+    await page.fill("dialog input[name=name]", name)
+    await page.fill("dialog textarea[name=description]", "made in the browser")
+    await page.fill("dialog input[name=max_attempts]", "3")
+    await page.click("dialog button[type=submit]")
+    row = page.locator(f'.queue-row[data-queue="{name}"]')
+    await row.locator("text=made in the browser").wait_for()
+    await row.locator("text=Edit").click()
+    await page.fill("dialog textarea[name=description]", "changed")
+    await page.click("dialog button[type=submit]")
+    await row.locator("text=changed").wait_for()
+    async with sqlite_server.client() as http:
+        queue = (await http.get(f"/api/v1/queues/{name}")).json()
+        assert (queue["description"], queue["max_attempts"], queue["owner"]) == ("changed", 3, "maker")
+        await row.locator("text=Delete").click()
+        await page.click("dialog >> text=Delete queue")
+        await row.wait_for(state="detached")
+        assert (await http.get(f"/api/v1/queues/{name}")).status_code == 404
+        await page.check("text=Show deleted")
+        await row.locator("text=Restore").click()
+        await row.locator("a.queue-name").wait_for()
+        assert (await http.get(f"/api/v1/queues/{name}")).status_code == 200
+    # A token that may only read sees the queue, and no way to change it.
+    reader_tabs: Tabs = await tabs(sqlite_server)
+    reader = await reader_tabs.sign_in(mint("reader", "subscribe:made-*"))
+    await reader.locator(f'.queue-row[data-queue="{name}"]').wait_for()
+    assert await reader.locator("text=New queue").count() == 0
+    assert await reader.locator(".row-actions button").count() == 0
+    assert browser_tabs.problems == [] and reader_tabs.problems == []
+
+
+async def test_publish_detail_redrive_and_export_from_the_queue_page(
+    sqlite_server: Server, tabs: Any
+) -> None:
+    queue = unique("ops")
+    async with sqlite_server.client() as http:
+        await http.post("/api/v1/queues", json={"name": queue, "max_attempts": 1})
+        dead = await publish(sqlite_server, queue, "will fail")
+        [claimed] = (await http.post(f"/api/v1/queues/{queue}/claim", json={})).json()["items"]
+        nack = {"lease_id": claimed["lease_id"], "error": "exit status 3"}
+        await http.post(f"/api/v1/queues/{queue}/messages/{dead['id']}/nack", json=nack)
+    browser_tabs: Tabs = await tabs(sqlite_server)
+    page = await queue_page(browser_tabs, mint(), queue)
+
+    await page.click("text=Publish")
+    await page.check("dialog input[value=json]")
+    await page.fill("dialog textarea[name=body]", '{"order": 7, "items": ["a", "b"]}')
+    await page.fill("dialog input[name=type]", "order.paid")
+    await page.select_option("dialog select[name=priority]", "high")
+    await page.click("dialog button[type=submit]")
+    row = page.locator(".table tbody tr", has_text="order.paid")
+    await row.locator("text=high").wait_for()
+    await row.locator("button").click()
+    pretty = '{\n  "order": 7,\n  "items": [\n    "a",\n    "b"\n  ]\n}'
+    assert await page.text_content("dialog pre.code") == pretty
+    await page.locator("dialog .timeline", has_text="message.created").wait_for()
+    await page.keyboard.press("Escape")
+
+    await page.click(f'tr[data-id="{dead["id"]}"] button')
+    assert await page.text_content("dialog .error-text") == "exit status 3"
+    await page.keyboard.press("Escape")
+    await page.click("text=Redrive dead")
+    await page.click("dialog button:text-is(\"Redrive\")")
+    await page.locator(f'tr[data-id="{dead["id"]}"] .chip.pending').wait_for()
+
+    await page.select_option("select[name=priority]", "high")
+    href = await page.get_attribute("a:has-text('CSV')", "href")
+    assert href == f"/api/v1/queues/{queue}/messages?priority=high&format=csv"
+    export = await page.request.get(sqlite_server.url + href)  # the session cookie goes with it
+    assert export.ok and "order.paid" in await export.text() and "will fail" not in await export.text()
+    assert browser_tabs.problems == []
+
+
 async def test_after_a_restart_the_feed_resumes_with_every_event_once(make_server: Any, tabs: Any) -> None:
     server = make_server(retry_ms="300").start()
     queue = await make_queue(server)
