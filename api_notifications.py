@@ -14,17 +14,18 @@ from deps import (
     SettingsDep,
     TypeFilter,
     WindowDep,
+    broker_of,
     caller,
     direct,
-    hub_of,
     notifications_of,
     settings_of,
     stream_cursor,
     stream_gate_of,
 )
+from event_log import user_log
 from exports import DOWNLOADS, Format, notification_export, respond
 from models import NotificationPriority
-from notifications import NotificationFilter, user_log
+from notifications import NotificationFilter, Notifications
 from schemas import (
     Changed,
     Items,
@@ -35,7 +36,8 @@ from schemas import (
     NotificationPriorityName,
     NotificationStats,
 )
-from streams import control_frame, documented_as_sse, open_stream
+from sse import control_frame, documented_as_sse
+from streams import Side, open_stream
 
 router = APIRouter(prefix="/api/v1/notifications", tags=["notifications"], route_class=AuthFirst)
 
@@ -95,19 +97,22 @@ async def create_notifications(
 async def stream_notifications(request: Request) -> Response:
     """`notification.created|read|deleted` with ids, and `unread_count` on connect and after changes."""
     # Every browser opens one: no dependencies to solve, as for publish (see caller()).
-    hub, settings = hub_of(request), settings_of(request)
+    broker, settings = broker_of(request), settings_of(request)
     notifications = notifications_of(request)
     principal = caller(request)
     cursor = stream_cursor(request)
+    side, gate = unread_count_side(notifications, principal.subject), stream_gate_of(request)
+    accept = request.headers.get("accept", "")
+    return open_stream(broker, settings, principal, {side.log: cursor}, gate=gate, accept=accept, side=side)
+
+
+def unread_count_side(notifications: Notifications, subject: str) -> Side:
+    """`unread_count` on connect and after each change to the person's notifications."""
 
     async def unread() -> bytes:
-        return control_frame(
-            "unread_count", {"unread_count": await notifications.unread_count(principal.subject)}
-        )
+        return control_frame("unread_count", {"unread_count": await notifications.unread_count(subject)})
 
-    log, gate = user_log(principal.subject), stream_gate_of(request)
-    accept = request.headers.get("accept", "")
-    return open_stream(hub, settings, principal, log, cursor, side_frame=unread, gate=gate, accept=accept)
+    return Side(user_log(subject), unread)
 
 
 @router.patch("/{notification_id}")

@@ -15,17 +15,20 @@ from deps import (
     QueueName,
     SettingsDep,
     WindowDep,
+    broker_of,
     caller,
     direct,
     hub_of,
     settings_of,
     stream_cursor,
     stream_gate_of,
+    stream_types,
 )
+from event_log import count_after, queue_log, read_page
 from exports import DOWNLOADS, Format, event_export, respond
-from hub import queue_log
 from schemas import INT64_MAX, EventOut, Page, QueueCreate, QueueOut, QueueUpdate
-from streams import documented_as_sse, live_queue_log, open_stream
+from sse import documented_as_sse
+from streams import live_queue_log, open_stream
 
 router = APIRouter(prefix="/api/v1/queues", tags=["queues"], route_class=AuthFirst)
 
@@ -87,9 +90,9 @@ async def list_events(
     if format != "json":
         return await respond(await event_export(found, after, settings.export_max_rows), format)
     log = queue_log(queue)
-    updates = await hub.read_log(log, after, limit)
-    total = await hub.count_log(log, after)
-    items = [u.as_event() for u in updates]
+    updates = await read_page(log, after, limit)
+    total = await count_after(log, after)
+    items = [EventOut.of(u) for u in updates]
     return Page(items=items, total=total, limit=limit, offset=0, has_more=len(items) < total)
 
 
@@ -117,12 +120,12 @@ _STREAM_DOCS = {
 )
 async def stream_queue(request: Request, queue: QueueName) -> Response:
     # Every browser on a page opens one: no dependencies to solve, as for publish (see caller()).
-    hub, settings = hub_of(request), settings_of(request)
+    hub, broker, settings = hub_of(request), broker_of(request), settings_of(request)
     principal = caller(request)
     principal.require("subscribe", queue)
     cursor = stream_cursor(request)
-    log = await live_queue_log(hub, queue)
-    given = request.query_params.getlist("types")
-    wanted = frozenset(t.strip() for text in given for t in text.split(",") if t.strip()) or None
+    log = await live_queue_log(broker, queue, hub.live_queue)
     gate, accept = stream_gate_of(request), request.headers.get("accept", "")
-    return open_stream(hub, settings, principal, log, cursor, wanted, gate=gate, accept=accept)
+    return open_stream(
+        broker, settings, principal, {log: cursor}, stream_types(request), gate=gate, accept=accept
+    )

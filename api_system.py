@@ -9,7 +9,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from availability import PROBE_TIMEOUT, Availability
-from deps import AuthFirst, AvailabilityDep, CurrentPrincipal, HubDep
+from broker import Broker
+from deps import AuthFirst, AvailabilityDep, BrokerDep, CurrentPrincipal, HubDep
 from errors import RETRY_AFTER_SECONDS
 from hub import Hub
 from schemas import Me
@@ -21,13 +22,13 @@ WRITER_FRESH_SECONDS = 5.0
 
 
 @router.get("/healthz")
-async def healthz(hub: HubDep) -> dict[str, str | int]:
+async def healthz(broker: BrokerDep) -> dict[str, str | int]:
     """The process is up; `streams` counts the SSE streams it holds open."""
-    return {"status": "ok", "streams": hub.broker.subscriber_count}
+    return {"status": "ok", "streams": broker.subscriber_count}
 
 
 @router.get("/readyz", responses={503: {"description": "a write cannot succeed now"}})
-async def readyz(hub: HubDep, availability: AvailabilityDep) -> JSONResponse:
+async def readyz(hub: HubDep, broker: BrokerDep, availability: AvailabilityDep) -> JSONResponse:
     """Whether this replica can serve writes now: the database answers and the writer commits.
 
     `checks` names each part `ok` or `down`. A broker that is down leaves the replica ready
@@ -36,7 +37,7 @@ async def readyz(hub: HubDep, availability: AvailabilityDep) -> JSONResponse:
     checks = {
         "database": await availability.check("database"),
         "writer": await _writer_ok(hub, availability),
-        "broker": await _broker_ok(hub),
+        "broker": await _broker_ok(broker),
     }
     ready = checks["database"] and checks["writer"]
     status = "unavailable" if not ready else "ready" if checks["broker"] else "degraded"
@@ -60,8 +61,8 @@ async def _writer_ok(hub: Hub, availability: Availability) -> bool:
     return await availability.check("writer")
 
 
-async def _broker_ok(hub: Hub) -> bool:
+async def _broker_ok(broker: Broker) -> bool:
     try:
-        return await asyncio.wait_for(hub.broker.ready(), PROBE_TIMEOUT)
+        return await asyncio.wait_for(broker.ready(), PROBE_TIMEOUT)
     except TimeoutError:
         return False

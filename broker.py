@@ -21,8 +21,8 @@ import redis.asyncio as aioredis
 from loguru import logger
 from redis.exceptions import RedisError
 
-from log_pages import SharedReads, read_heads, read_page
-from schemas import Update
+from event_log import Heads, Update, read_heads, read_page
+from log_pages import SharedReads
 
 # Batches waiting for Redis; past this, Redis is too far behind and replicas re-read instead.
 OUTBOX_LIMIT = 10_000
@@ -31,12 +31,17 @@ OUTBOX_LIMIT = 10_000
 TICK_SECONDS = 0.25
 # The event after which a queue's log is no longer live, and how many live logs are remembered.
 GONE = "queue.deleted"
+# The events with which a queue's log becomes live: a stream following a pattern may take it on.
+JOINS = frozenset({"queue.created", "queue.restored"})
 LIVE_LIMIT = 10_000
 WAKE_SLICE = 100
 # Cut off from Redis, a replica reads the heads of its subscribed logs this often, and at most
 # this many new events of a log per read: the database is the truth, Redis only the fast path.
 POLL_SECONDS = 0.5
 POLL_PAGE = 500
+
+# Whether a subscriber takes on a queue log that has just become live.
+Joins = Callable[[str], bool]
 
 
 class Subscriber:
@@ -53,8 +58,10 @@ class Subscriber:
         "capacity",
         "closed",
         "direct",
-        "first_seq",
+        "firsts",
         "inbox",
+        "joined",
+        "joins",
         "logs",
         "must_catch_up",
         "sending_since",
@@ -63,15 +70,19 @@ class Subscriber:
         "wake_at",
     )
 
-    def __init__(self, logs: frozenset[str], capacity: int) -> None:
-        self.logs = logs
+    def __init__(self, logs: Iterable[str], capacity: int, joins: Joins | None = None) -> None:
+        self.logs = set(logs)
         self.capacity = capacity
         self.inbox: list[Update] = []
         self.must_catch_up = False
         self.closed = False
-        # The first update offered since subscribing: a stream starting live begins before it,
-        # whatever head it learns afterwards.
-        self.first_seq: int | None = None
+        # The first sequence offered of each log since subscribing, until the stream has placed
+        # itself (then None): a stream starting live begins before it, whatever head it learns.
+        self.firsts: dict[str, int] | None = {}
+        # Which queue logs that become live (JOINS) this subscriber takes on, and those it took
+        # on, each with the sequence it starts after, until its stream has seen them.
+        self.joins = joins
+        self.joined: list[tuple[str, int]] = []
         # Set by a stream while it waits with nothing buffered: writes an update at once, from
         # the broker's own call, instead of waking the stream for it (False: not this one).
         self.direct: Callable[[Update], bool] | None = None
@@ -94,8 +105,9 @@ class Subscriber:
         return self._event
 
     def offer(self, update: Update) -> None:
-        if self.first_seq is None:
-            self.first_seq = update.seq
+        firsts = self.firsts
+        if firsts is not None and update.log not in firsts:
+            firsts[update.log] = update.seq
         direct = self.direct
         if direct is not None and direct(update):
             return
@@ -157,7 +169,8 @@ class Broker(Protocol):
     async def close(self) -> None: ...
     async def publish(self, updates: Sequence[Update]) -> None: ...
     async def ready(self) -> bool: ...
-    def subscribe(self, logs: Iterable[str], capacity: int) -> Subscriber: ...
+    def subscribe(self, logs: Iterable[str], capacity: int, joins: Joins | None = None) -> Subscriber: ...
+    def follow(self, subscriber: Subscriber, log: str) -> None: ...
     def unsubscribe(self, subscriber: Subscriber) -> None: ...
     def close_all(self) -> None: ...
     async def cut_stalled(self, limit: float) -> int: ...
@@ -181,8 +194,9 @@ class LocalFanout:
 
     def __init__(self) -> None:
         self._by_log: dict[str, set[Subscriber]] = {}
-        self._count = 0
-        self._heads: dict[str, int] = {}
+        self._subscribers: set[Subscriber] = set()
+        self._joining: set[Subscriber] = set()  # those with `joins`
+        self._heads = Heads()
         self._live: set[str] = set()
         self._gone = 0  # deletions delivered: a lookup that raced one is not remembered
         self._clock: asyncio.TimerHandle | None = None
@@ -191,24 +205,33 @@ class LocalFanout:
         # How this process's streams read their logs: a crowd catching up shares its reads.
         self.reads = SharedReads()
 
-    def subscribe(self, logs: Iterable[str], capacity: int) -> Subscriber:
-        subscriber = Subscriber(frozenset(logs), capacity)
+    def subscribe(self, logs: Iterable[str], capacity: int, joins: Joins | None = None) -> Subscriber:
+        """A subscriber to `logs`, and to each queue log that becomes live for which `joins` says so."""
+        subscriber = Subscriber(logs, capacity, joins)
         for log in subscriber.logs:
             self._by_log.setdefault(log, set()).add(subscriber)
-        self._count += 1
+        self._subscribers.add(subscriber)
+        if joins is not None:
+            self._joining.add(subscriber)
         if self._clock is None:
             self._clock = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
         return subscriber
 
+    def follow(self, subscriber: Subscriber, log: str) -> None:
+        """Deliver `log` to `subscriber` too, from now on."""
+        subscriber.logs.add(log)
+        self._by_log.setdefault(log, set()).add(subscriber)
+
     def unsubscribe(self, subscriber: Subscriber) -> None:
-        self._count -= 1
+        self._subscribers.discard(subscriber)
+        self._joining.discard(subscriber)
         for log in subscriber.logs:
             subscribers = self._by_log.get(log)
             if subscribers is not None:
                 subscribers.discard(subscriber)
                 if not subscribers:
                     del self._by_log[log]
-                    self._heads.pop(log, None)
+                    self._heads.forget(log)
 
     def deliver(self, updates: Sequence[Update]) -> None:
         heads, backlog = self._heads, self._backlog
@@ -217,15 +240,23 @@ class LocalFanout:
             if update.type == GONE:
                 self._live.discard(update.log)
                 self._gone += 1
+            elif update.type in JOINS and self._joining:
+                self._join(update)
             subscribers = self._by_log.get(update.log)
             if not subscribers:
                 continue
-            # Every event committed before this one has a lower number: the head is exact.
-            if heads.get(update.log, 0) < update.seq:
-                heads[update.log] = update.seq
+            heads.advance(update.log, update.seq)
             backlog.append((update, tuple(subscribers)))
         if backlog and not pending:
             self._offer_slice()
+
+    def _join(self, update: Update) -> None:
+        """Subscribers that take on the queue log `update` makes live follow it from `update` on."""
+        for subscriber in self._joining:
+            joins = subscriber.joins
+            if update.log not in subscriber.logs and joins is not None and joins(update.log):
+                subscriber.joined.append((update.log, update.seq - 1))
+                self.follow(subscriber, update.log)
 
     def _offer_slice(self) -> None:
         """Wake the next WAKE_SLICE subscribers; the rest after what the loop has queued meanwhile.
@@ -252,8 +283,8 @@ class LocalFanout:
 
     def learn_head(self, log: str, seq: int) -> None:
         """Remember a head read from the database, for as long as the log has subscribers here."""
-        if log in self._by_log and self._heads.get(log, 0) < seq:
-            self._heads[log] = seq
+        if log in self._by_log:
+            self._heads.advance(log, seq)
 
     def known_live(self, log: str) -> bool:
         """Whether the database said the log's queue is live, and no deletion came since."""
@@ -273,11 +304,10 @@ class LocalFanout:
     def _tick(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        for subscribers in self._by_log.values():
-            for subscriber in subscribers:
-                if subscriber.wake_at <= now:
-                    subscriber.wake()
-        self._clock = loop.call_later(TICK_SECONDS, self._tick) if self._count else None
+        for subscriber in self._subscribers:
+            if subscriber.wake_at <= now:
+                subscriber.wake()
+        self._clock = loop.call_later(TICK_SECONDS, self._tick) if self._subscribers else None
 
     def stop_clock(self) -> None:
         if self._clock is not None:
@@ -287,32 +317,29 @@ class LocalFanout:
     async def cut_stalled(self, limit: float) -> int:
         """End the streams whose client has not taken a frame for `limit` seconds."""
         now, cut = asyncio.get_running_loop().time(), 0
-        for subscribers in self._by_log.values():
-            for subscriber in subscribers:
-                since = subscriber.sending_since
-                if since and now - since > limit and subscriber.task is not None and not subscriber.stalled:
-                    subscriber.stalled = True
-                    subscriber.task.cancel()
-                    cut += 1
+        for subscriber in self._subscribers:
+            since = subscriber.sending_since
+            if since and now - since > limit and subscriber.task is not None and not subscriber.stalled:
+                subscriber.stalled = True
+                subscriber.task.cancel()
+                cut += 1
         return cut
 
     def close_all(self) -> None:
-        for subscribers in self._by_log.values():
-            for subscriber in subscribers:
-                subscriber.close()
+        for subscriber in self._subscribers:
+            subscriber.close()
 
     def catch_up_all(self) -> None:
         # Something may have been missed: heads and liveness are read again.
         self._heads.clear()
         self._live.clear()
         self._gone += 1
-        for subscribers in self._by_log.values():
-            for subscriber in subscribers:
-                subscriber.catch_up()
+        for subscriber in self._subscribers:
+            subscriber.catch_up()
 
     @property
     def subscriber_count(self) -> int:
-        return self._count
+        return len(self._subscribers)
 
 
 class MemoryBroker(LocalFanout):
@@ -510,7 +537,7 @@ class RedisBroker(LocalFanout):
         """
         subscribers = self._by_log.get(log, ())
         if subscribers:
-            self._heads[log] = head
+            self._heads.set(log, head)
         for subscriber in subscribers:
             subscriber.catch_up()
 

@@ -1,4 +1,4 @@
-"""The typed dependencies route handlers take (the hub, the settings, the caller), and the
+"""The typed dependencies route handlers take (the hub, the broker, the settings, the caller), and the
 `DirectRoute` for the hottest routes, which take none."""
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from starlette.responses import Response
 
 from auth import Principal, TokenCodec
 from availability import Availability
+from broker import Broker
 from errors import unauthorized, validation_error
 from hub import Hub, Window
 from leases import Leases
+from log_set import read_cursor
 from models import QUEUE_NAME_PATTERN
 from notifications import Notifications
 from schemas import INT64_MAX, NO_NUL
@@ -33,6 +35,11 @@ _bearer = HTTPBearer(auto_error=False, description="a token from `python main.py
 def hub_of(request: Request) -> Hub:
     hub: Hub = request.app.state.hub
     return hub
+
+
+def broker_of(request: Request) -> Broker:
+    broker: Broker = request.app.state.broker
+    return broker
 
 
 def settings_of(request: Request) -> Settings:
@@ -59,6 +66,10 @@ def notifications_of(request: Request) -> Notifications:
 # thread pool, a thread hop per request each. Routes that skip dependencies call the `_of`s.
 async def _hub(request: Request) -> Hub:
     return hub_of(request)
+
+
+async def _broker(request: Request) -> Broker:
+    return broker_of(request)
 
 
 async def _settings(request: Request) -> Settings:
@@ -138,17 +149,48 @@ def stream_cursor(request: Request) -> int | None:
     return resume_cursor(header, query)
 
 
+def stream_positions(request: Request) -> dict[str, int] | None:
+    """Where a stream of several logs resumes: its cursor vector (`log_set`), by the same rule
+    (`Last-Event-ID` wins, each position a whole number from 0 to 2^63-1), else 422."""
+    header = _positions(request.headers.get("last-event-id"), "header.Last-Event-ID")
+    query = _positions(request.query_params.get("last_event_id"), "query.last_event_id")
+    return header if header is not None else query
+
+
+def stream_types(request: Request) -> frozenset[str] | None:
+    """The event types a stream is limited to (`types=`, repeated or comma-separated), or all."""
+    given = request.query_params.getlist("types")
+    return frozenset(t.strip() for text in given for t in text.split(",") if t.strip()) or None
+
+
 _SEQUENCE = f"a whole number from 0 to {INT64_MAX}"
+_POSITIONS = f"log:sequence pairs, comma-separated (orders:41,@notifications:3), each {_SEQUENCE}"
 
 
 def _sequence(given: str | None, where: str) -> int | None:
     if given is None:
         return None
+    seq = _whole_number(given)
+    if seq is None:
+        raise validation_error({where: [_SEQUENCE]})
+    return seq
+
+
+def _positions(given: str | None, where: str) -> dict[str, int] | None:
+    if given is None:
+        return None
+    positions = read_cursor(given, _whole_number)
+    if positions is None:
+        raise validation_error({where: [_POSITIONS]})
+    return positions
+
+
+def _whole_number(given: str) -> int | None:
     text = given.strip()
     # "²" is a digit int() refuses, and int() refuses more than 4,300 digits.
     if text.isascii() and text.isdigit() and len(text) <= len(str(INT64_MAX)) and int(text) <= INT64_MAX:
         return int(text)
-    raise validation_error({where: [_SEQUENCE]})
+    return None
 
 
 # What the `CurrentPrincipal` dependency adds to a route's OpenAPI, for a route calling caller().
@@ -197,6 +239,7 @@ def _bearer_token(request: Request) -> str | None:
 
 
 HubDep = Annotated[Hub, Depends(_hub)]
+BrokerDep = Annotated[Broker, Depends(_broker)]
 AvailabilityDep = Annotated[Availability, Depends(_availability)]
 TokensDep = Annotated[TokenStore, Depends(_tokens)]
 NotificationsDep = Annotated[Notifications, Depends(_notifications)]

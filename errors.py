@@ -71,6 +71,12 @@ def cross_origin(reason: str) -> ApiError:
     return ApiError(403, "cross_origin", message)
 
 
+def forbidden_queues(action: str, queues: list[str]) -> ApiError:
+    needed = [f"{action}:{queue}" for queue in queues]
+    message = f"this token lacks the scope{'s' if len(needed) > 1 else ''} {', '.join(map(repr, needed))}"
+    return ApiError(403, "forbidden", message, {"needed": needed, "queues": queues})
+
+
 def rate_limited(message: str, retry_after: int, **details: Any) -> ApiError:
     return ApiError(429, "rate_limited", message, details, {"Retry-After": str(retry_after)})
 

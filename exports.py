@@ -32,12 +32,12 @@ from tortoise.models import Model
 from tortoise.queryset import QuerySet
 
 from errors import bad_request
+from event_log import queue_log, utc_text
 
 # The JSON lists' own filters: an export matches its list exactly.
-from hub import MessageFilter, filtered_messages, queue_log
+from hub import MessageFilter, filtered_messages
 from models import Event, Message, MessageStatus, NotificationPriority, Priority, Queue, utcnow
 from notifications import NotificationFilter, filtered_notifications
-from schemas import utc_text
 
 Format = Literal["json", "csv", "xlsx"]
 Cell = str | int | float | datetime | None

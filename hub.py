@@ -16,19 +16,14 @@ from tortoise.functions import Count
 from tortoise.queryset import QuerySet
 
 from auth import Principal
-from broker import Broker
 from count_cache import CountCache
 from errors import conflict, not_found, validation_error
+from event_log import queue_log, trim
 from isolation import Failures, isolated
-from log_pages import read_page
-from models import Event, EventLog, Message, MessageStatus, NewMessage, Priority, Queue, new_id, utcnow
-from schemas import Draft, MessageOut, QueueCreate, QueueOut, QueueUpdate, Update
+from models import EventLog, Message, MessageStatus, NewMessage, Priority, Queue, new_id, utcnow
+from schemas import Draft, MessageOut, QueueCreate, QueueOut, QueueUpdate
 from settings import Settings
 from writer import Tx, Writer
-
-
-def queue_log(name: str) -> str:
-    return f"queue:{name}"
 
 
 @dataclass(frozen=True)
@@ -54,10 +49,9 @@ class Window:
 
 
 class Hub:
-    def __init__(self, settings: Settings, writer: Writer, broker: Broker, counts: CountCache) -> None:
+    def __init__(self, settings: Settings, writer: Writer, counts: CountCache) -> None:
         self.settings = settings
         self.writer = writer
-        self.broker = broker
         self.counts = counts
         self._expiry_failures = Failures()
 
@@ -195,13 +189,10 @@ class Hub:
     async def trim_logs(self, older_than: float, limit: int) -> int:
         """Drop events past the log retention; streams behind them get `stream.reset`."""
 
-        async def trim(tx: Tx) -> int:
-            cutoff = tx.now - timedelta(seconds=older_than)
-            query = Event.filter(at__lt=cutoff).order_by("id").limit(limit).using_db(tx.conn)
-            ids = await query.values_list("id", flat=True)
-            return await Event.filter(id__in=list(ids)).using_db(tx.conn).delete() if ids else 0
+        async def trim_old(tx: Tx) -> int:
+            return await trim(tx.conn, tx.now - timedelta(seconds=older_than), limit)
 
-        return await self.writer.run(trim)
+        return await self.writer.run(trim_old)
 
     # Logs --------------------------------------------------------------------------------
 
@@ -211,11 +202,9 @@ class Hub:
             raise not_found("queue", name)
         return queue
 
-    async def read_log(self, log: str, after: int, limit: int, upto: int | None = None) -> list[Update]:
-        return await read_page(log, after, limit, upto)
-
-    async def count_log(self, log: str, after: int) -> int:
-        return await Event.filter(log=log, seq__gt=after).count()
+    async def live_queue_names(self) -> list[str]:
+        names = await Queue.filter(deleted_at__isnull=True).values_list("name", flat=True)
+        return [str(name) for name in names]
 
 
 async def _expire_in(tx: Tx, queue: Queue, limit: int) -> int:

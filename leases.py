@@ -20,7 +20,8 @@ from tortoise.fields import DatetimeField
 
 from broker import Broker, Subscriber
 from errors import conflict, not_found, validation_error
-from hub import emit_message, live_queue_in, queue_log
+from event_log import queue_log
+from hub import emit_message, live_queue_in
 from models import Message, MessageStatus, NewMessage, Queue, new_id
 from notifications import dead_letter_alert, notify_owner
 from schemas import ClaimedMessage, MessageOut

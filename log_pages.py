@@ -1,8 +1,8 @@
-"""Logs read back from the database: pages of events after a cursor, bounds and heads of logs,
-and `SharedReads`, through which a crowd of streams makes each such read once.
+"""Catch-up reads shared by a crowd: `SharedReads`, through which this process's streams make
+each read of a log (a page after a cursor, its bounds, its head) once for all who want it.
 
-Below the broker and the hub alike, so that both read a log the same way: streams replay and
-fill gaps through it, and the broker feeds its subscribers through it while Redis is away.
+The reads themselves are the log's own (`event_log`); what is here is how a thousand streams
+resuming at once share them: a bound on reads at once, one read per key, pages kept briefly.
 """
 
 from __future__ import annotations
@@ -12,48 +12,11 @@ import contextlib
 import math
 import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from functools import partial
 from typing import Any, TypeVar
 
-from models import Event, EventLog
-from schemas import Update, utc_text
-
-# Logs per head query: well within the bind parameters every database here allows.
-HEADS_PER_QUERY = 1000
-
-
-async def read_page(log: str, after: int, limit: int, upto: int | None = None) -> list[Update]:
-    """Up to `limit` events of `log` after `after` (and at most `upto`), in sequence order."""
-    query = Event.filter(log=log, seq__gt=after)
-    if upto is not None:
-        query = query.filter(seq__lte=upto)
-    rows = await query.order_by("seq").limit(limit)
-    return [Update(e.log, e.seq, e.type, e.data, utc_text(e.at)) for e in rows]
-
-
-async def read_head(log: str) -> int:
-    """The last sequence number the log has given out (0 for a log never written)."""
-    row = await EventLog.filter(name=log).only("name", "last_seq").first()
-    return row.last_seq if row else 0
-
-
-async def read_bounds(log: str) -> tuple[int, int]:
-    """(oldest retained sequence, head sequence); oldest is head + 1 when none is kept."""
-    head = await read_head(log)
-    first = await Event.filter(log=log).order_by("seq").only("id", "seq").first()
-    return (first.seq if first else head + 1), head
-
-
-async def read_heads(logs: Collection[str]) -> dict[str, int]:
-    """The last sequence number of each log that has one (a log never written is left out)."""
-    names, heads = list(logs), {}
-    for start in range(0, len(names), HEADS_PER_QUERY):
-        chunk = names[start : start + HEADS_PER_QUERY]
-        rows = await EventLog.filter(name__in=chunk).values_list("name", "last_seq")
-        heads.update({str(name): int(seq) for name, seq in rows})
-    return heads
-
+from event_log import Update, read_bounds, read_head, read_page
 
 # Database reads at once, however many streams catch up: the rest queue, and most of them then
 # share a read instead of making their own.

@@ -43,6 +43,7 @@ import api_consume
 import api_messages
 import api_notifications
 import api_queues
+import api_streams
 import api_system
 import api_tokens
 import dashboard
@@ -57,7 +58,7 @@ from auth import (
 from availability import Availability
 from backups import ScheduledBackups, backup, database_path, restore
 from body_limit import BodyLimit
-from broker import create_broker
+from broker import Broker, create_broker
 from client import PomboClient, PomboError
 from count_cache import CountCache
 from database import prepare_database, replicas_share_a_broker, single_process
@@ -70,7 +71,8 @@ from notifications import Notifications
 from observability import LogFile, RequestContext, configure_logging
 from schemas import token_lifetime, token_subject
 from settings import ClientSettings, Settings, SettingsError, load_settings, tortoise_config
-from streams import DirectSend, StreamGate
+from sse import DirectSend
+from streams import StreamGate
 from sweeper import Sweeper
 from tokens import Revocations, TokenStore, issue_token
 from worker import Worker, WorkerError, WorkerOptions
@@ -105,7 +107,16 @@ CORS_MAX_AGE = 600  # seconds a browser may keep a preflight's answer
 
 # fastapi-offline's pages (it registers them itself, so app.docs_url is None).
 DOCS_PAGES = ("/docs", "/docs/oauth2-redirect", "/redoc")
-_DOCUMENTED_IN_ORDER = ("system", "tokens", "queues", "messages", "consume", "notifications", "dashboard")
+_DOCUMENTED_IN_ORDER = (
+    "system",
+    "tokens",
+    "queues",
+    "messages",
+    "consume",
+    "notifications",
+    "streams",
+    "dashboard",
+)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -127,7 +138,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.availability = Availability()
     install_error_handlers(app)
     # Routes match in order: the busiest first (publish, claim, ack), about 40 µs less a publish.
-    modules = (api_messages, api_consume, api_queues, api_notifications, api_tokens, api_system)
+    modules = (api_messages, api_consume, api_queues, api_notifications, api_streams, api_tokens, api_system)
     for module in modules:
         app.include_router(module.router)
     # Every route, for the `Allow` of a 405 (errors.allowed_methods).
@@ -204,7 +215,8 @@ async def _running_hub(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     counts = CountCache(settings.redis_url, settings.redis_prefix, enabled=settings.count_cache)
     await broker.start()
     writer.start()
-    app.state.hub = Hub(settings, writer, broker, counts)
+    app.state.broker = broker
+    app.state.hub = Hub(settings, writer, counts)
     app.state.leases = Leases(writer, broker)
     app.state.notifications = Notifications(writer)
     app.state.tokens = TokenStore(writer, app.state.codec, app.state.revocations)
@@ -231,7 +243,7 @@ def _sweeper(app: FastAPI, settings: Settings) -> Sweeper:
         partial(leases.release_expired, LEASES_PER_TICK),
         notifications.check_backlogs,
         app.state.revocations.refresh,
-        partial(app.state.hub.broker.cut_stalled, settings.stream_send_timeout_seconds),
+        partial(app.state.broker.cut_stalled, settings.stream_send_timeout_seconds),
     ]
     retention = [
         partial(hub.expire_messages, ROWS_PER_TICK),
@@ -275,9 +287,9 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
-        hub: Hub | None = getattr(self._app.state, "hub", None)
-        if hub is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(hub.broker.close_all)
+        broker: Broker | None = getattr(self._app.state, "broker", None)
+        if broker is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(broker.close_all)
 
 
 def serve(settings: Settings) -> None:

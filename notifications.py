@@ -16,14 +16,11 @@ from tortoise.functions import Count, Min
 from tortoise.queryset import QuerySet
 
 from errors import not_found
+from event_log import user_log
 from isolation import Failures, isolated
 from models import Message, MessageStatus, Notification, NotificationPriority, Queue, new_id, utcnow
 from schemas import NotificationCreate, NotificationOut, NotificationStats
 from writer import Tx, Writer
-
-
-def user_log(subject: str) -> str:
-    return f"user:{subject}"
 
 
 @dataclass(frozen=True)

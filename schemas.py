@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic_core import from_json, to_json
 
+from event_log import Update
 from models import (
     QUEUE_NAME_PATTERN,
     Message,
@@ -402,6 +403,15 @@ class EventOut(BaseModel):
     at: datetime
     data: Any
 
+    @classmethod
+    def of(cls, update: Update) -> EventOut:
+        return cls(
+            seq=update.seq,
+            type=update.type,
+            at=datetime.fromisoformat(update.at),
+            data=json.loads(update.data),
+        )
+
 
 class Page(BaseModel, Generic[T]):
     items: list[T]
@@ -454,24 +464,3 @@ class Me(BaseModel):
     subject: str
     scopes: list[str]
     expires_at: datetime | None
-
-
-@dataclass(slots=True)
-class Update:
-    """One committed event as the broker carries it; `data` is the JSON text of the resource."""
-
-    log: str
-    seq: int
-    type: str
-    data: str
-    at: str
-    frame: bytes | None = field(default=None, repr=False, compare=False)
-
-    def as_event(self) -> EventOut:
-        return EventOut(
-            seq=self.seq, type=self.type, at=datetime.fromisoformat(self.at), data=json.loads(self.data)
-        )
-
-
-def utc_text(moment: datetime) -> str:
-    return moment.isoformat().replace("+00:00", "Z")

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     subscriber_buffer: int = Field(default=1000, ge=1)
     # Open streams one subject may hold in each process (0: no cap; admins have none).
     streams_per_subject: int = Field(default=50, ge=0)
+    # Logs one stream of several (`GET /api/v1/stream`) may follow: its cursor rides in every
+    # frame's `id:` and in the next request's headers, so it stays a few KiB at most.
+    stream_max_logs: int = Field(default=50, ge=1)
     # A client that takes no frame for this long is cut: its socket buffer would hold the stream.
     stream_send_timeout_seconds: float = Field(default=30.0, gt=0)
     event_retention_seconds: float = Field(default=7 * 24 * 3600, ge=0)

@@ -1,4 +1,4 @@
-"""Server-Sent Events for any log: subscribe, replay from the database, then go live.
+"""Following logs as Server-Sent Events: subscribe, replay from the database, then go live.
 
 The subscription is taken before the response starts, so nothing committed after the client
 connected can slip between replay and live. Live updates at or below what was sent are dropped;
@@ -10,68 +10,42 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Container, Coroutine
+from collections.abc import Awaitable, Callable, Container, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import Any, cast
 
 from loguru import logger
-from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import Receive, Send
 
 from auth import Principal
 from availability import unavailable_cause
 from broker import Broker, Subscriber
 from errors import rate_limited
-from hub import Hub, queue_log
+from event_log import Update, queue_log, read_heads
 from log_pages import Page
-from schemas import Update
+from log_set import QueuePatterns, cursor_text, label_of
 from settings import Settings
+from sse import (
+    HEARTBEAT,
+    SSE_HEADERS,
+    StreamResponse,
+    control_frame,
+    frame,
+    joined_chunks,
+    labelled_frame,
+    more_body,
+    page_chunks,
+)
 
 REPLAY_PAGE = 500
-CHUNK_BYTES = 64 * 1024
-DETACHED = "pombo.detached"
-HEAD = "pombo.head"  # set by http_rules.HttpRules on a HEAD it passes on as a GET
 # How long a client over its stream cap waits before it tries again: long enough that a
 # runaway one costs little, short enough that a browser tab whose place came free soon resumes.
 BUSY_RETRY_SECONDS = 10
-HEARTBEAT = b":\n\n"
-
-
-def frame(update: Update) -> bytes:
-    """The SSE frame for an update, encoded once and shared by every subscriber."""
-    encoded = update.frame
-    if encoded is None:
-        encoded = f"id: {update.seq}\nevent: {update.type}\ndata: {update.data}\n\n".encode()
-        update.frame = encoded
-    return encoded
-
-
-def page_chunks(page: Page) -> list[bytes]:
-    """A page's frames joined into writes of about CHUNK_BYTES, once for every stream that sends it.
-
-    A write per frame made a storm of streams catching up spend seconds in socket calls; one
-    write per page would copy what the client has not taken yet into every stream's buffer.
-    """
-    if page.chunks is None:
-        chunks, piece, size = [], [], 0
-        for update in page.updates:
-            piece.append(frame(update))
-            size += len(piece[-1])
-            if size >= CHUNK_BYTES:
-                chunks.append(b"".join(piece))
-                piece, size = [], 0
-        page.chunks = [*chunks, b"".join(piece)] if piece else chunks
-    return page.chunks
-
-
-def control_frame(event: str, data: dict[str, object]) -> bytes:
-    """A frame outside the log (no `id:`), so it never moves the client's cursor."""
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
 def resume_cursor(header: int | None, query: int | None) -> int | None:
@@ -79,14 +53,33 @@ def resume_cursor(header: int | None, query: int | None) -> int | None:
     return header if header is not None else query
 
 
-# A frame outside the log, sent on connect and after each batch of events (e.g. `unread_count`).
+# A frame outside the logs, sent on connect and after events of one log (e.g. `unread_count`).
 SideFrame = Callable[[], Awaitable[bytes]]
 
 
 @dataclass(frozen=True, slots=True)
-class StreamSpec:
+class Side:
     log: str
-    cursor: int | None
+    frame: SideFrame
+
+
+@dataclass(frozen=True, slots=True)
+class Several:
+    """What a stream of several logs (`GET /api/v1/stream`) adds to a stream of one.
+
+    Its `id:` is the whole cursor vector and its data names each event's log (`log_set`).
+    """
+
+    max_logs: int
+    # The cursor the client resumed with (labels to sequences), for logs taken on later.
+    resumed: Mapping[str, int] | None = None
+    patterns: QueuePatterns | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    # Each log followed, and where it resumes: after that sequence, or (None) live from now.
+    cursors: Mapping[str, int | None]
     types: frozenset[str] | None
     lifetime: float
     retry_ms: int
@@ -94,7 +87,8 @@ class StreamSpec:
     subject: str = "anonymous"
     token_id: str | None = None
     heartbeat: float = 15.0
-    side_frame: SideFrame | None = None
+    side: Side | None = None
+    several: Several | None = None
 
 
 class StreamGate:
@@ -131,9 +125,19 @@ class StreamGate:
 
 
 class LogStream:
-    """One client's stream: a single coroutine that writes each frame as it comes."""
+    """One client's stream of one log or several: a single coroutine that writes each frame as it comes."""
 
-    __slots__ = ("_broker", "_gate", "_held", "_last", "_send", "_spec", "_subscriber", "request_id")
+    __slots__ = (
+        "_broker",
+        "_gate",
+        "_held",
+        "_last",
+        "_send",
+        "_side_due",
+        "_spec",
+        "_subscriber",
+        "request_id",
+    )
     _send: Send
 
     def __init__(self, broker: Broker, subscriber: Subscriber, spec: StreamSpec, gate: StreamGate) -> None:
@@ -141,7 +145,9 @@ class LogStream:
         self._broker = broker
         self._subscriber = subscriber
         self._spec = spec
-        self._last = 0
+        # The last sequence sent (or filtered out) of each log followed, in the cursor's order.
+        self._last = dict.fromkeys(spec.cursors, 0)
+        self._side_due = False
         # A write the broker began for this stream and the client's full buffer held up.
         self._held: tuple[Coroutine[Any, Any, None], Any] | None = None
         self.request_id = "-"
@@ -179,62 +185,84 @@ class LogStream:
     async def _run(self) -> None:
         spec = self._spec
         await self._write(f"retry: {spec.retry_ms}\n\n".encode())
-        reset, head = await self._position()
-        if reset is not None:
-            await self._write(reset)
-        # Subscribed before the head was read: whatever comes after it arrives live.
-        if spec.cursor is not None:
-            await self._replay(upto=head)
-        if spec.side_frame is not None:
-            await self._write(await spec.side_frame())
+        await self._start_live([log for log, cursor in spec.cursors.items() if cursor is None])
+        for log, cursor in spec.cursors.items():
+            if cursor is not None:
+                await self._resume(log, cursor)
+        # Queues the patterns match that appeared before the subscription could see them.
+        await self._take_matching()
+        if spec.side is not None:
+            await self._write(await spec.side.frame())
+        self._side_due = False
         await self._live()
 
-    async def _position(self) -> tuple[bytes | None, int]:
-        """Where the stream starts, and the head of its log: a `stream.reset` if the cursor did not hold."""
-        cursor, log = self._spec.cursor, self._spec.log
-        if cursor is None:
-            # Subscribed before this read, so nothing after the head can be missed; the broker
-            # knows the head of a log it delivers, and most browsers open most streams live.
-            head = self._broker.known_head(log)
+    async def _start_live(self, logs: list[str]) -> None:
+        """Place each log live from now: after its head, read once subscribed, so nothing later is missed."""
+        heads = await self._heads(logs)
+        # A commit may have landed since subscribing: what was offered since is still news.
+        firsts, self._subscriber.firsts = self._subscriber.firsts or {}, None
+        for log, head in heads.items():
+            first = firsts.get(log)
+            self._last[log] = head if first is None else min(head, first - 1)
+
+    async def _heads(self, logs: list[str]) -> dict[str, int]:
+        """The broker knows the head of a log it delivers, and most browsers open most streams live."""
+        broker = self._broker
+        known = {log: broker.known_head(log) for log in logs}
+        unknown = [log for log, head in known.items() if head is None]
+        read: dict[str, int] = {}
+        if len(unknown) == 1:
+            read = {unknown[0]: await broker.reads.head(unknown[0])}
+        elif unknown:
+            read = await broker.reads.shared(("heads", *unknown), partial(read_heads, unknown))
+        heads: dict[str, int] = {}
+        for log, head in known.items():
             if head is None:
-                head = await self._broker.reads.head(log)
-                self._broker.learn_head(log, head)
-            # A commit may have landed since subscribing: what was offered since is still news.
-            first = self._subscriber.first_seq
-            self._last = head if first is None else min(head, first - 1)
-            return None, head
+                head = read.get(log, 0)
+                broker.learn_head(log, head)
+            heads[log] = head
+        return heads
+
+    async def _resume(self, log: str, cursor: int) -> None:
+        """Replay the log after `cursor` up to its head; a `stream.reset` first if the cursor did not hold."""
         oldest, head = await self._broker.reads.bounds(log)
         if oldest - 1 <= cursor <= head:
-            self._last = cursor
-            return None, head
-        # Said out loud, never skipped over: the client learns its cursor did not hold.
-        self._last = head if cursor > head else oldest - 1
-        reason = "cursor_ahead" if cursor > head else "cursor_expired"
-        return control_frame("stream.reset", {"reason": reason, "oldest_seq": oldest}), head
+            self._last[log] = cursor
+        else:
+            # Said out loud, never skipped over: the client learns its cursor did not hold.
+            self._last[log] = head if cursor > head else oldest - 1
+            reason = "cursor_ahead" if cursor > head else "cursor_expired"
+            await self._write(
+                control_frame("stream.reset", self._about(log, reason=reason, oldest_seq=oldest))
+            )
+        # Subscribed before the head was read: whatever comes after it arrives live.
+        await self._replay(log, upto=head)
 
-    async def _replay(self, upto: int | None = None) -> bool:
-        """Send the log after the cursor (up to `upto`) from the database; True if anything was sent."""
-        sent, reads = False, self._broker.reads
-        while upto is None or self._last < upto:
+    async def _replay(self, log: str, upto: int | None = None) -> bool:
+        """Send the log after its cursor (up to `upto`) from the database; True if anything was sent."""
+        sent, reads, last = False, self._broker.reads, self._last
+        while upto is None or last[log] < upto:
             # A range that fills a page is read unbounded: one key for every stream resuming
             # here, whatever head each saw. Either way the page cannot change, so all share it.
-            bound = upto if upto is not None and upto - self._last < REPLAY_PAGE else None
-            page = await reads.page(self._spec.log, self._last, REPLAY_PAGE, bound)
-            sent = await self._send_page(page) or sent
+            bound = upto if upto is not None and upto - last[log] < REPLAY_PAGE else None
+            page = await reads.page(log, last[log], REPLAY_PAGE, bound)
+            sent = await self._send_page(log, page) or sent
             if len(page.updates) < REPLAY_PAGE:
                 break
         return sent
 
-    async def _send_page(self, page: Page) -> bool:
-        """A page in a few large writes shared with every stream replaying it; filtered, frame by frame."""
-        if self._spec.types is not None:
-            sent = False
-            for update in page.updates:
-                sent = await self._advance(update) or sent
-            return sent
+    async def _send_page(self, log: str, page: Page) -> bool:
+        """A page in a few large writes, shared with every stream of this one log replaying it."""
         if not page.updates:
             return False
-        self._last = page.updates[-1].seq
+        spec = self._spec
+        if spec.types is not None or spec.several is not None:  # frames of this stream's own
+            frames = [encoded for update in page.updates if (encoded := self._take(update)) is not None]
+            for chunk in joined_chunks(frames):
+                await self._write(chunk)
+            return bool(frames)
+        self._last[log] = page.updates[-1].seq
+        self._side_due = self._side_due or (spec.side is not None and log == spec.side.log)
         for chunk in page_chunks(page):
             await self._write(chunk)
         return True
@@ -244,7 +272,7 @@ class LogStream:
         deadline = loop.time() + self._remaining()
         # A stream with side frames sends them after its events; a `send` that is not a coroutine
         # cannot be driven from the broker's call.
-        can_write_now = spec.side_frame is None and inspect.iscoroutinefunction(self._send)
+        can_write_now = spec.side is None and inspect.iscoroutinefunction(self._send)
         direct = self._write_now if can_write_now else None
         while not subscriber.closed and loop.time() < deadline:
             beat = loop.time() + spec.heartbeat
@@ -256,26 +284,70 @@ class LogStream:
                 return
             if self._held is not None:
                 await self._finish_held()
-            if await self._drain():
-                if spec.side_frame is not None:
-                    await self._write(await spec.side_frame())
-            elif loop.time() >= beat:
+            sent = await self._drain()
+            if self._side_due and spec.side is not None:
+                self._side_due = False
+                await self._write(await spec.side.frame())
+            elif not sent and loop.time() >= beat:
                 await self._write(HEARTBEAT)  # a comment line: keeps proxies from closing an idle stream
         if self._token_expired():
             await self._write(control_frame("stream.expired", {"reason": "token_expired"}))
 
     async def _drain(self) -> bool:
         subscriber, sent = self._subscriber, False
-        if subscriber.must_catch_up:
+        await self._take_joined()
+        if subscriber.must_catch_up and not subscriber.closed:
             subscriber.must_catch_up = False
-            sent = await self._replay()
+            # The broker may have missed anything meanwhile, a queue the patterns match included.
+            await self._take_matching()
+            for log in list(self._last):
+                sent = await self._replay(log) or sent
+        if subscriber.closed:
+            return sent
         for update in subscriber.take():
-            if update.seq <= self._last:
+            last = self._last.get(update.log)
+            if last is None or update.seq <= last:
                 continue  # already sent by replay, or a late duplicate
-            if update.seq > self._last + 1:
-                sent = await self._replay(upto=update.seq - 1) or sent
+            if update.seq > last + 1:
+                sent = await self._replay(update.log, upto=update.seq - 1) or sent
             sent = await self._advance(update) or sent
         return sent
+
+    async def _take_joined(self) -> None:
+        """Follow the logs the broker joined this stream to, from the event that made them live."""
+        joined = self._subscriber.joined
+        while joined and not self._subscriber.closed:
+            log, after = joined.pop(0)
+            if log not in self._last and await self._admit(log):
+                self._last[log] = after
+
+    async def _take_matching(self) -> None:
+        """Follow the queues the patterns match now that this stream does not follow yet."""
+        several = self._spec.several
+        if several is None or several.patterns is None:
+            return
+        for log in await several.patterns.matching():
+            if log in self._last or not await self._admit(log):
+                continue
+            self._broker.follow(self._subscriber, log)  # before the replay: nothing falls between
+            resumed = several.resumed.get(label_of(log)) if several.resumed is not None else None
+            if resumed is None:
+                self._last[log] = 0  # new since the stream began: all of it is news
+                await self._replay(log)
+            else:
+                await self._resume(log, resumed)
+
+    async def _admit(self, log: str) -> bool:
+        """One more log, within the bound; past it, say so and end (the client asks again, and hears 422)."""
+        several = self._spec.several
+        if several is not None and len(self._last) < several.max_logs:
+            return True
+        limit = several.max_logs if several is not None else 1
+        await self._write(
+            control_frame("stream.limit", self._about(log, reason="too_many_logs", limit=limit))
+        )
+        self._subscriber.close()
+        return False
 
     def _write_now(self, update: Update) -> bool:
         """Write the next update from the broker's own call, without waking this stream.
@@ -284,13 +356,15 @@ class LogStream:
         is woken to finish that write (`_finish_held`), and the watchdog times it as any other.
         Anything but the very next update of a stream with nothing buffered is declined.
         """
-        subscriber = self._subscriber
-        if update.seq != self._last + 1 or subscriber.inbox or subscriber.must_catch_up or self._held:
+        subscriber, last = self._subscriber, self._last.get(update.log)
+        if last is None or update.seq != last + 1 or subscriber.inbox or subscriber.must_catch_up:
+            return False
+        if subscriber.joined or self._held:
             return False
         chunk = self._take(update)
         if chunk is None:
             return True
-        sending = cast(Coroutine[Any, Any, None], self._send(_body(chunk)))
+        sending = cast(Coroutine[Any, Any, None], self._send(more_body(chunk)))
         try:
             waiting = sending.send(None)
         except StopIteration:
@@ -328,14 +402,24 @@ class LogStream:
 
     def _take(self, update: Update) -> bytes | None:
         """Move the cursor past `update`; its frame, unless the client filtered its type out."""
-        self._last = update.seq
-        types = self._spec.types
-        return frame(update) if types is None or update.type in types else None
+        spec = self._spec
+        self._last[update.log] = update.seq
+        if spec.types is not None and update.type not in spec.types:
+            return None
+        if spec.side is not None and update.log == spec.side.log:
+            self._side_due = True
+        if spec.several is None:
+            return frame(update)
+        return labelled_frame(update, label_of(update.log), cursor_text(self._last))
+
+    def _about(self, log: str, **data: object) -> dict[str, object]:
+        """A control frame's data; in a stream of several logs, naming the log."""
+        return data if self._spec.several is None else {**data, "log": label_of(log)}
 
     async def _write(self, chunk: bytes) -> None:
         subscriber = self._subscriber
         subscriber.sending_since = asyncio.get_running_loop().time()
-        await self._send(_body(chunk))
+        await self._send(more_body(chunk))
         subscriber.sending_since = 0.0
 
     def abandon(self) -> None:
@@ -355,113 +439,22 @@ class LogStream:
         return expires is not None and expires.timestamp() <= time.time() + 0.05
 
 
-def _body(chunk: bytes) -> Message:
-    return {"type": "http.response.body", "body": chunk, "more_body": True}
-
-
 async def _watch_disconnect(receive: Receive, subscriber: Subscriber) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
     subscriber.close()
 
 
-# See https://html.spec.whatwg.org/multipage/server-sent-events.html and nginx's X-Accel-Buffering:
-# a buffering proxy would hold events back. Endless: chunked, never a Content-Length.
-_HEADERS = (
-    (b"cache-control", b"no-store"),
-    (b"x-accel-buffering", b"no"),
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-)
-
-
-class StreamResponse(Response):
-    """SSE written straight to the ASGI `send`, after the request's middleware has finished.
-
-    The response start goes through every middleware (status, request id, access line); then the
-    stream is handed to `DirectSend`, the outermost layer, so an idle stream holds no middleware
-    frames, no `Request` and no dependency stacks: a few coroutines and one disconnect watcher.
-    Heartbeats come from the stream itself, a client that stops reading is cut by the
-    `cut_stalled` watchdog, and on shutdown the stream ends cleanly (the client resumes elsewhere).
-    Measured in NOTES.md.
-    """
-
-    media_type = "text/event-stream"
-
-    def __init__(self, stream: LogStream) -> None:
-        # Not Response.__init__: the headers are always these, built once (_HEADERS).
-        self.status_code = 200
-        self.background = None
-        self.body = b""
-        self.raw_headers = list(_HEADERS)
-        self._stream = stream
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        try:
-            await send(start)
-        except BaseException:
-            self._stream.abandon()
-            raise
-        if scope.get(HEAD):  # what a GET would start, without the stream
-            self._stream.abandon()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-        self._stream.request_id = _request_id(start)
-        detached: list[LogStream] | None = scope.get(DETACHED)
-        if detached is None:  # no DirectSend around the app: stream from here
-            await self._stream.serve(receive, send)
-        else:
-            detached.append(self._stream)
-
-
-def _request_id(start: Message) -> str:
-    for name, value in start["headers"]:
-        if name == b"x-request-id":
-            return bytes(value).decode("latin-1")
-    return "-"
-
-
-class DirectSend:
-    """Outermost ASGI layer: serves streams with the server's own `send`, after the app returned.
-
-    Each frame of a stream otherwise passes through every middleware's `send` wrapper, which
-    profiles showed to be most of the cost of a delivery at 1,000 subscribers; and an idle stream
-    otherwise keeps every middleware's frame, its `Request` and its scope alive.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        detached: list[LogStream] = []
-        # The app's scope is a copy: what the middleware adds to it is freed when it returns.
-        await self.app({**scope, DETACHED: detached}, receive, send)
-        if detached:
-            await detached.pop().serve(receive, send)
-
-
-def documented_as_sse(description: str) -> dict[str, Any]:
-    """Route options that show a stream in OpenAPI: `@router.get(path, **documented_as_sse(…))`."""
-    return {
-        # OpenAPI reads a status code off the class; the route returns a StreamResponse anyway.
-        "response_class": JSONResponse,
-        "responses": {200: {"content": {"text/event-stream": {}}, "description": description}},
-    }
-
-
-async def live_queue_log(hub: Hub, name: str) -> str:
+async def live_queue_log(broker: Broker, name: str, live_queue: Callable[[str], Awaitable[object]]) -> str:
     """The queue's log, once the queue is known live: from the broker's memory when it can be.
 
-    The same answer as `hub.live_queue` (`not_found` otherwise), without its database read for
+    The same answer as `live_queue(name)` (`not_found` otherwise), without its database read for
     every stream a crowd of browsers opens on one queue: the crowd shares the first reads.
     """
-    log, broker = queue_log(name), hub.broker
+    log = queue_log(name)
     if not broker.known_live(log):
         mark = broker.live_mark()
-        await broker.reads.shared(("live", log), partial(hub.live_queue, name))
+        await broker.reads.shared(("live", log), partial(live_queue, name))
         broker.learn_live(log, mark)
     return log
 
@@ -481,29 +474,28 @@ def busy(subject: str, cap: int, accept: str) -> Response:
         raise rate_limited(message, BUSY_RETRY_SECONDS, limit=cap)
     data = {"reason": "too_many_streams", "message": message, "limit": cap, "retry_after": BUSY_RETRY_SECONDS}
     body = f"retry: {BUSY_RETRY_SECONDS * 1000}\n\n".encode() + control_frame("stream.busy", data)
-    headers = {name.decode(): value.decode() for name, value in _HEADERS if name != b"content-type"}
-    return Response(body, 200, headers, media_type=_HEADERS[2][1].decode())
+    headers = {name.decode(): value.decode() for name, value in SSE_HEADERS if name != b"content-type"}
+    return Response(body, 200, headers, media_type=SSE_HEADERS[2][1].decode())
 
 
 def open_stream(
-    hub: Hub,
+    broker: Broker,
     settings: Settings,
     principal: Principal,
-    log: str,
-    cursor: int | None,
+    cursors: Mapping[str, int | None],
     types: frozenset[str] | None = None,
-    side_frame: SideFrame | None = None,
     *,
     gate: StreamGate,
     accept: str = "",
+    side: Side | None = None,
+    several: Several | None = None,
 ) -> Response:
     """Count the stream against its subject, subscribe before any header is sent, then hand the
     stream to the response. Past the subject's cap, `busy()`."""
     if not gate.admit(principal):
         return busy(principal.subject, gate.cap, accept)
     spec = StreamSpec(
-        log=log,
-        cursor=cursor,
+        cursors=cursors,
         types=types,
         lifetime=settings.stream_lifetime_seconds,
         retry_ms=settings.retry_ms,
@@ -511,7 +503,9 @@ def open_stream(
         subject=principal.subject,
         token_id=principal.token_id,
         heartbeat=settings.heartbeat_seconds,
-        side_frame=side_frame,
+        side=side,
+        several=several,
     )
-    subscriber = hub.broker.subscribe([log], settings.subscriber_buffer)
-    return StreamResponse(LogStream(hub.broker, subscriber, spec, gate))
+    patterns = several.patterns if several is not None else None
+    subscriber = broker.subscribe(cursors, settings.subscriber_buffer, patterns.joins if patterns else None)
+    return StreamResponse(LogStream(broker, subscriber, spec, gate))

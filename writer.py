@@ -38,8 +38,8 @@ from availability import Availability, refusal, unavailable_cause
 from broker import Broker
 from database import pg_transaction
 from errors import ApiError, unavailable
+from event_log import Update, utc_text
 from models import Event, Queue, utcnow
-from schemas import Update, utc_text
 from sqlite_thread import SqliteThread
 
 T = TypeVar("T")

@@ -288,6 +288,16 @@ def redis_url() -> str:
     return REDIS_URL
 
 
+@pytest.fixture
+def replicas(make_server: Any, pg_url: str, redis_url: str) -> tuple[Server, Server]:
+    """Two started servers on one PostgreSQL database and one Redis prefix."""
+    prefix = unique("test")
+    first, second = (
+        make_server(database_url=pg_url, redis_url=redis_url, redis_prefix=prefix) for _ in range(2)
+    )
+    return first.start(), second.start()
+
+
 @dataclass
 class RedisProcess:
     """A Redis server of the test's own, which it may stop and start again."""

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from tortoise import Tortoise
 
 from broker import GONE, TICK_SECONDS, WAKE_SLICE, Broker, MemoryBroker, RedisBroker, Subscriber, redis_names
-from schemas import Update
+from event_log import Update
 
 
 @pytest.fixture(params=["memory", "redis"])

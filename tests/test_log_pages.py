@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from tortoise import Tortoise
 
-from log_pages import SHARED_READS, SharedReads, read_bounds, read_heads
+from event_log import read_bounds, read_heads
+from log_pages import SHARED_READS, SharedReads
 from models import Event, EventLog
 
 

@@ -82,15 +82,8 @@ async def test_bad_scopes_or_ttl_are_refused(server: Server, client: httpx.Async
         assert response.status_code == 422, body
 
 
-async def test_a_revocation_reaches_the_other_replica_within_seconds(
-    make_server: Any, pg_url: str, redis_url: str
-) -> None:
-    prefix = unique("test")
-    first, second = (
-        make_server(database_url=pg_url, redis_url=redis_url, redis_prefix=prefix) for _ in range(2)
-    )
-    first.start()
-    second.start()
+async def test_a_revocation_reaches_the_other_replica_within_seconds(replicas: tuple[Server, Server]) -> None:
+    first, second = replicas
     async with first.client() as one, second.client() as two:
         minted = await mint_over_http(one)
         assert (await two.get("/api/v1/me", headers=auth(minted["token"]))).status_code == 200
