@@ -11,7 +11,7 @@ import { toast } from "./dom.js";
 
 const root = document.getElementById("app");
 const stream = new Stream();
-let session = null; // {access, stream, main, follow, unmount}
+let session = null; // {access, stream, main, unmount}
 
 const ENDED = {
   "the token expired": "Your token expired. Paste a new one to carry on.",
@@ -46,13 +46,8 @@ async function planFor(access) {
 
 async function start(me) {
   const access = new Access(me);
-  const plan = { ...(await planFor(access)), names: [] };
-  // Until the stream takes patterns, the queues to follow by name (sources.js).
-  const follow = (names) => {
-    const wanted = [...new Set([...names, ...plan.names])].slice(0, 4);
-    if (wanted.join() !== plan.names.join()) stream.follow({ ...plan, names: (plan.names = wanted) });
-  };
-  session = { access, stream, follow, unmount: null };
+  const plan = await planFor(access);
+  session = { access, stream, unmount: null };
   const { main } = shell(root, { access, stream, onSignOut: signOut });
   session.main = main;
   stream.follow(plan);

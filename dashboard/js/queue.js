@@ -13,7 +13,7 @@ const EVENTS_PAGE = 200;
 const PAGE = 25;
 const PRIORITIES = ["low", "normal", "high", "urgent"];
 
-export function queueView(main, { access, stream, follow }, name, messageId) {
+export function queueView(main, { access, stream }, name, messageId) {
   const manage = access.can("manage", name);
   const state = { queue: null, page: 0, total: 0, rows: new Map() };
   const chips = h("div", { class: "chips" });
@@ -209,7 +209,6 @@ export function queueView(main, { access, stream, follow }, name, messageId) {
 
   const offs = [stream.on("event", onEvent), stream.on("reset", (m) => m.log === name && reload()), badge.off];
   const ticker = setInterval(draw, 1000);
-  follow([name]);
   draw();
   function reload() {
     replace(feedList, earlier);

@@ -33,7 +33,7 @@ export function countChips(counts) {
   );
 }
 
-export function queuesView(main, { access, stream, follow }) {
+export function queuesView(main, { access, stream }) {
   const rows = new Map(); // name -> {queue, element, chips, chart, rates}
   const showDeleted = h("input", { type: "checkbox", onchange: () => load() });
   const list = h("div", { class: "queue-list", role: "list" });
@@ -52,7 +52,6 @@ export function queuesView(main, { access, stream, follow }) {
     replace(list, page.items.map((q) => row(q)));
     if (!page.items.length) list.append(h("p", { class: "empty" }, access.managesSome ? "No queues yet. Create one, or publish to a name and it is made for you." : "No queues you may see yet."));
     summary.textContent = `${page.total} ${page.total === 1 ? "queue" : "queues"}`;
-    follow(page.items.filter((q) => !q.deleted_at).map((q) => q.name));
     draw();
   }
 

@@ -1,24 +1,30 @@
-// Which server streams carry what the dashboard follows: the one place that knows the endpoints.
-// Today one stream per log (the notifications and each queue shown); the multiplexed
-// `/api/v1/stream` replaces them with one.
+// Which server stream carries what the dashboard follows: the one place that knows the endpoint.
+// One multiplexed stream (`/api/v1/stream`) for the queues the token may follow and its own
+// notifications: each event's data names its log, and its id is the whole cursor vector.
 
-const NOTIFICATIONS = "@notifications";
-const MAX_QUEUE_STREAMS = 4; // browsers allow six connections per origin over HTTP/1.1
+export const NOTIFICATIONS = "@notifications";
 
 export function streamSources(plan) {
-  const sources = [];
-  if (plan.notifications) {
-    sources.push({ key: NOTIFICATIONS, url: "/api/v1/notifications/stream", logOf: () => NOTIFICATIONS, seqOf: Number });
-  }
-  for (const queue of (plan.names ?? []).slice(0, MAX_QUEUE_STREAMS)) {
-    const url = `/api/v1/queues/${encodeURIComponent(queue)}/stream`;
-    sources.push({ key: queue, url, logOf: () => queue, seqOf: Number });
-  }
-  return sources;
+  const search = new URLSearchParams();
+  for (const pattern of plan.queues) search.append("queue", pattern);
+  if (plan.notifications) search.set("notifications", "true");
+  return [{ key: "all", url: `/api/v1/stream?${search}`, logOf, seqOf }];
 }
 
 export function withCursor(url, cursor) {
   return `${url}${url.includes("?") ? "&" : "?"}last_event_id=${encodeURIComponent(cursor)}`;
 }
 
-export { NOTIFICATIONS };
+// `unread_count` frames name no log: they are the notifications'.
+function logOf(data) {
+  return typeof data?.log === "string" ? data.log : NOTIFICATIONS;
+}
+
+// 41 for `orders` in `orders:41,billing:7,@notifications:3` (queue names hold no `,` or `:`).
+function seqOf(cursor, log) {
+  for (const part of cursor.split(",")) {
+    const at = part.lastIndexOf(":");
+    if (part.slice(0, at) === log) return Number(part.slice(at + 1));
+  }
+  return undefined;
+}
