@@ -392,6 +392,18 @@ async def _shows(page: Page, count: int) -> bool:
     return await page.locator(".feed .event").count() >= count
 
 
+async def test_a_stream_the_server_refuses_is_said_out_loud(make_server: Any, tabs: Any) -> None:
+    server = make_server(stream_max_logs="2").start()
+    for _ in range(2):
+        await make_queue(server)
+    browser_tabs: Tabs = await tabs(server)
+    page = await browser_tabs.sign_in(mint())  # two queues and the notifications: three logs
+    toast = page.locator(".toast.error", has_text="Live updates paused")
+    await toast.wait_for(timeout=10_000)
+    assert "POMBO_STREAM_MAX_LOGS allows 2" in (await toast.text_content() or "")
+    assert await page.get_attribute(".topbar .conn", "data-state") != "live"
+
+
 # One connection per browser ---------------------------------------------------------------------
 
 

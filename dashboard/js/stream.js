@@ -86,6 +86,7 @@ export class Stream extends EventTarget {
       this.rates.count(message.type, message.data);
       this.dispatchEvent(new CustomEvent("event", { detail: message }));
     } else if (message.kind === "reset") this.dispatchEvent(new CustomEvent("reset", { detail: message }));
+    else if (message.kind === "problem") this.dispatchEvent(new CustomEvent("problem", { detail: message.message }));
     else if (message.kind === "signed-out") this.dispatchEvent(new CustomEvent("signed-out", { detail: message.message }));
   }
 
