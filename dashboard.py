@@ -19,7 +19,7 @@ from starlette.types import Scope
 from api_system import me
 from deps import AuthFirst, caller, token_principal
 from errors import ApiError
-from schemas import Me, Strict
+from schemas import NO_NUL, Me, Strict
 from sessions import forget, keep, require_same_origin, session_token
 
 PAGE = "/"
@@ -31,7 +31,9 @@ router = APIRouter(tags=["dashboard"], route_class=AuthFirst)
 
 
 class SignIn(Strict):
-    token: str = Field(min_length=1, max_length=8192, description="a token from `python main.py token`")
+    token: str = Field(
+        min_length=1, max_length=8192, pattern=NO_NUL, description="a token from `python main.py token`"
+    )
 
 
 @router.get(PAGE, include_in_schema=False)
