@@ -140,7 +140,7 @@ async def test_sign_in_keeps_the_token_in_a_cookie_no_script_can_read(
     page = await browser_tabs.open()
     await page.fill("#token", "not-a-token")
     await page.click("button[type=submit]")
-    assert "That token does not work" in await page.text_content(".form-error", timeout=5000) or ""
+    await page.locator(".form-error", has_text="That token does not work").wait_for(timeout=5000)
     await page.fill("#token", mint("alice", "subscribe:*"))
     await page.click("button[type=submit]")
     await page.wait_for_selector(".topbar")
@@ -152,7 +152,7 @@ async def test_sign_in_keeps_the_token_in_a_cookie_no_script_can_read(
     assert "token" not in page.url and "access_token" not in await page.content()
 
     await page.click("text=Sign out")
-    assert await page.text_content(".form-error") == "You signed out."
+    await page.locator(".form-error", has_text="You signed out.").wait_for()
     assert await browser_tabs.context.cookies() == []
     await page.reload()
     await page.wait_for_selector("#token")
