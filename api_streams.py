@@ -25,7 +25,7 @@ from deps import (
     stream_types,
 )
 from errors import forbidden_queues, validation_error
-from log_set import PATTERN, QueuePatterns, is_pattern, label_of
+from log_set import CURSOR_PATTERN, PATTERN, QueuePatterns, is_pattern, label_of
 from models import QUEUE_NAME_PATTERN
 from sse import documented_as_sse
 from streams import Several, live_queue_log, open_stream
@@ -69,7 +69,7 @@ _DOCS = {
             "name": "last_event_id",
             "in": "query",
             "required": False,
-            "schema": {"type": "string"},
+            "schema": {"type": "string", "pattern": CURSOR_PATTERN},
             "description": f"resume: {_CURSOR}; a followed log it leaves out starts at its beginning",
         },
         {
@@ -131,7 +131,7 @@ def _followed(request: Request) -> tuple[list[str], bool]:
         q.strip() for text in request.query_params.getlist("queue") for q in text.split(",") if q.strip()
     ]
     wanted = list(dict.fromkeys(given))
-    bad = [q for q in wanted if _QUEUE.match(q) is None and not is_pattern(q)]
+    bad = [q for q in wanted if _QUEUE.fullmatch(q) is None and not is_pattern(q)]
     notifications = _BOOLEANS.get(request.query_params.get("notifications", "false").strip().lower())
     problems: dict[str, list[str]] = {}
     if bad:

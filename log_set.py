@@ -21,7 +21,11 @@ NOTIFICATIONS = "@notifications"
 # A queue pattern: the characters of a queue name, and at least one `*` or `?` (shell globs,
 # where `*` also matches dots, as in scopes).
 PATTERN = r"^(?=.*[*?])[a-z0-9._*?-]{1,64}$"
+_LABEL = f"(?:{NOTIFICATIONS}|{QUEUE_NAME_PATTERN.strip('^$')}):[0-9]{{1,19}}"
+# The cursor as the stream writes it (a reader also takes spaces around its pairs).
+CURSOR_PATTERN = f"^{_LABEL}(?:,{_LABEL})*$"
 _QUEUE = re.compile(QUEUE_NAME_PATTERN)
+_PATTERN = re.compile(PATTERN)
 
 
 def label_of(log: str) -> str:
@@ -45,7 +49,7 @@ def read_cursor(text: str, read_seq: Callable[[str], int | None]) -> dict[str, i
     for pair in text.strip().split(","):
         label, colon, given = pair.strip().partition(":")
         seq = read_seq(given)
-        known = label == NOTIFICATIONS or _QUEUE.match(label) is not None
+        known = label == NOTIFICATIONS or _QUEUE.fullmatch(label) is not None
         if not colon or seq is None or not known or label in positions:
             return None
         positions[label] = seq
@@ -53,7 +57,7 @@ def read_cursor(text: str, read_seq: Callable[[str], int | None]) -> dict[str, i
 
 
 def is_pattern(name: str) -> bool:
-    return re.match(PATTERN, name) is not None
+    return _PATTERN.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)

@@ -186,9 +186,13 @@ class LogStream:
         spec = self._spec
         await self._write(f"retry: {spec.retry_ms}\n\n".encode())
         await self._start_live([log for log, cursor in spec.cursors.items() if cursor is None])
-        for log, cursor in spec.cursors.items():
-            if cursor is not None:
-                await self._resume(log, cursor)
+        # Every log placed before any replays: each frame's cursor must hold for every log.
+        heads = {
+            log: await self._place(log, cursor) for log, cursor in spec.cursors.items() if cursor is not None
+        }
+        for log, head in heads.items():
+            # Subscribed before the head was read: whatever comes after it arrives live.
+            await self._replay(log, upto=head)
         # Queues the patterns match that appeared before the subscription could see them.
         await self._take_matching()
         if spec.side is not None:
@@ -223,20 +227,17 @@ class LogStream:
             heads[log] = head
         return heads
 
-    async def _resume(self, log: str, cursor: int) -> None:
-        """Replay the log after `cursor` up to its head; a `stream.reset` first if the cursor did not hold."""
+    async def _place(self, log: str, cursor: int) -> int:
+        """Start the log after `cursor`, or say `stream.reset` if the cursor did not hold; its head."""
         oldest, head = await self._broker.reads.bounds(log)
         if oldest - 1 <= cursor <= head:
             self._last[log] = cursor
-        else:
-            # Said out loud, never skipped over: the client learns its cursor did not hold.
-            self._last[log] = head if cursor > head else oldest - 1
-            reason = "cursor_ahead" if cursor > head else "cursor_expired"
-            await self._write(
-                control_frame("stream.reset", self._about(log, reason=reason, oldest_seq=oldest))
-            )
-        # Subscribed before the head was read: whatever comes after it arrives live.
-        await self._replay(log, upto=head)
+            return head
+        # Said out loud, never skipped over: the client learns its cursor did not hold.
+        self._last[log] = head if cursor > head else oldest - 1
+        reason = "cursor_ahead" if cursor > head else "cursor_expired"
+        await self._write(control_frame("stream.reset", self._about(log, reason=reason, oldest_seq=oldest)))
+        return head
 
     async def _replay(self, log: str, upto: int | None = None) -> bool:
         """Send the log after its cursor (up to `upto`) from the database; True if anything was sent."""
@@ -335,7 +336,7 @@ class LogStream:
                 self._last[log] = 0  # new since the stream began: all of it is news
                 await self._replay(log)
             else:
-                await self._resume(log, resumed)
+                await self._replay(log, upto=await self._place(log, resumed))
 
     async def _admit(self, log: str) -> bool:
         """One more log, within the bound; past it, say so and end (the client asks again, and hears 422)."""

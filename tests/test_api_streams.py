@@ -80,7 +80,13 @@ async def logged(listener: Listener, count: int, timeout: float = 10) -> list[Se
 def assert_each_once_in_order(
     events: list[ServerSentEvent], queues: list[str], rounds: range, after: dict[str, int]
 ) -> None:
-    """Each queue's log after `after[queue]` and the notifications: all, once each, in sequence."""
+    """Each queue's log after `after[queue]` and the notifications: all, once each, in sequence;
+    and every frame's cursor holds for every log (never behind where the stream started)."""
+    previous = after
+    for event in events:
+        vector = positions(event)
+        assert set(vector) == set(after) and all(vector[log] >= previous[log] for log in after), event.id
+        previous = vector
     logs = by_log(events)
     assert set(logs) == {*queues, "@notifications"}, set(logs)
     for queue in queues:

@@ -106,6 +106,22 @@ async def test_a_live_log_is_remembered_until_its_queue_is_deleted(broker: Broke
     assert not broker.known_live("queue:a")
 
 
+def created(log: str) -> Update:
+    return Update(log, 1, "queue.created", "{}", "2026-01-01T00:00:00Z")
+
+
+async def test_a_subscriber_takes_on_the_new_queues_it_accepts_from_their_first_event(broker: Broker) -> None:
+    subscriber = broker.subscribe([], capacity=10, joins=lambda log: log.startswith("queue:builds."))
+    await broker.publish([created("queue:builds.web"), created("queue:other"), update("queue:builds.web", 2)])
+    await asyncio.wait_for(subscriber.wakeup.wait(), 1)
+    assert [(u.log, u.seq) for u in subscriber.inbox] == [("queue:builds.web", 1), ("queue:builds.web", 2)]
+    assert subscriber.joined == [("queue:builds.web", 0)]
+    broker.close_all()  # one that followed nothing at first is still among those closed
+    assert subscriber.closed
+    broker.unsubscribe(subscriber)
+    assert broker.subscriber_count == 0
+
+
 @asynccontextmanager
 async def two_processes(
     redis_url: str, prefix: str | None = None
@@ -121,6 +137,19 @@ async def two_processes(
     finally:
         for instance in pair:
             await instance.close()
+
+
+async def test_a_queue_created_on_one_replica_is_taken_on_by_a_subscriber_on_the_other(
+    redis_url: str,
+) -> None:
+    async with two_processes(redis_url) as (creator, streamer):
+        subscriber = streamer.subscribe([], capacity=10, joins=lambda log: log == "queue:new")
+        await creator.publish([created("queue:new"), update("queue:new", 2)])
+        deadline = time.monotonic() + 2
+        while len(subscriber.inbox) < 2:
+            assert time.monotonic() < deadline, "the other replica's new queue never arrived"
+            await asyncio.sleep(0.01)
+        assert [u.seq for u in subscriber.inbox] == [1, 2] and subscriber.joined == [("queue:new", 0)]
 
 
 async def test_a_deletion_on_one_replica_is_forgotten_on_the_other(redis_url: str) -> None:
