@@ -81,6 +81,11 @@ def forbidden(scope: str) -> ApiError:
     return ApiError(403, "forbidden", f"this token lacks the scope {scope!r}", {"needed": scope})
 
 
+def cross_origin(reason: str) -> ApiError:
+    message = f"a request signed in by the session cookie must come from this server's own pages: {reason}"
+    return ApiError(403, "cross_origin", message)
+
+
 def forbidden_queues(action: str, queues: list[str]) -> ApiError:
     needed = [f"{action}:{queue}" for queue in queues]
     message = f"this token lacks the scope{'s' if len(needed) > 1 else ''} {', '.join(map(repr, needed))}"

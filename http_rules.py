@@ -29,6 +29,10 @@ Headers = list[tuple[bytes, bytes]]
 # The dashboard's policy (scripts and styles from files of our own origin, nothing inline), and
 # the API's: a JSON answer opened in a browser runs nothing either way.
 POLICY = "default-src 'self'; base-uri 'none'; object-src 'none'; frame-ancestors 'none'; form-action 'self'"
+# The dashboard's page also enforces Trusted Types (https://w3c.github.io/trusted-types/dist/spec/):
+# no string can become HTML or script there, since its code only ever builds elements and sets
+# text; its one policy, `pombo`, admits the URL of its own SharedWorker and nothing else.
+TRUSTED_POLICY = f"{POLICY}; require-trusted-types-for 'script'; trusted-types pombo"
 # Swagger UI starts from an inline script: its page allows that script by hash, nothing else
 # inline. ReDoc inserts its styles at run time (styled-components), which no hash can name: its
 # page alone takes inline styles (never scripts). Its search runs in a worker made from a blob;
@@ -58,13 +62,24 @@ def security_headers(hsts: bool) -> Headers:
 class HttpRules:
     """Outermost middleware (inside `DirectSend`): joins the security headers onto every start,
     and passes a HEAD on as a GET, whose body the server then leaves out (uvicorn sends none for
-    a HEAD it received). `docs_pages` get a policy allowing their own inline code by hash."""
+    a HEAD it received). `docs_pages` get a policy allowing their own inline code by hash;
+    `trusted_pages` one that enforces Trusted Types."""
 
     def __init__(
-        self, app: ASGIApp, hsts: bool, docs_pages: Iterable[str], styled_at_run_time: Iterable[str] = ()
+        self,
+        app: ASGIApp,
+        hsts: bool,
+        docs_pages: Iterable[str],
+        styled_at_run_time: Iterable[str] = (),
+        trusted_pages: Iterable[str] = (),
     ) -> None:
         self.app = app
         self.headers = [*security_headers(hsts), (b"content-security-policy", POLICY.encode())]
+        self.trusted_headers = [
+            *security_headers(hsts),
+            (b"content-security-policy", TRUSTED_POLICY.encode()),
+        ]
+        self.trusted_pages = frozenset(trusted_pages)
         self.docs_headers = security_headers(hsts)
         self.docs_pages = frozenset(docs_pages)
         self.styled_at_run_time = frozenset(styled_at_run_time)
@@ -80,7 +95,7 @@ class HttpRules:
             page = _DocsPage(send, self.docs_headers, path in self.styled_at_run_time)
             await self.app(scope, receive, page.send)
             return
-        extra = self.headers
+        extra = self.trusted_headers if path in self.trusted_pages else self.headers
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -47,6 +47,7 @@ import api_queues
 import api_streams
 import api_system
 import api_tokens
+import dashboard
 from auth import (
     ADMIN_TOKEN_FILE,
     TokenCodec,
@@ -125,7 +126,16 @@ CORS_MAX_AGE = 600  # seconds a browser may keep a preflight's answer
 
 # fastapi-offline's pages (it registers them itself, so app.docs_url is None).
 DOCS_PAGES = ("/docs", "/docs/oauth2-redirect", "/redoc")
-_DOCUMENTED_IN_ORDER = ("system", "tokens", "queues", "messages", "consume", "notifications", "streams")
+_DOCUMENTED_IN_ORDER = (
+    "system",
+    "tokens",
+    "queues",
+    "messages",
+    "consume",
+    "notifications",
+    "streams",
+    "dashboard",
+)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -157,7 +167,11 @@ def create_app(settings: Settings) -> FastAPI:
     for module in modules:
         app.include_router(module.router)
     # Every route, for the `Allow` of a 405 (errors.allowed_methods).
-    app.state.routes = [*app.router.routes, *(route for module in modules for route in module.router.routes)]
+    dashboard.install(app)
+    app.state.routes = [
+        *app.router.routes,
+        *(route for module in (*modules, dashboard) for route in module.router.routes),
+    ]
     app.add_middleware(BodyLimit, limit=max(settings.max_batch_bytes, settings.max_body_bytes))
     # Lists, exports and docs assets; never a stream (Starlette excludes text/event-stream).
     app.add_middleware(GzipReads, minimum_size=GZIP_MIN_BYTES, compresslevel=GZIP_LEVEL)
@@ -182,7 +196,13 @@ def create_app(settings: Settings) -> FastAPI:
             expose_headers=CORS_RESPONSE_HEADERS,
             max_age=CORS_MAX_AGE,
         )
-    app.add_middleware(HttpRules, hsts=settings.hsts, docs_pages=DOCS_PAGES, styled_at_run_time=["/redoc"])
+    app.add_middleware(
+        HttpRules,
+        hsts=settings.hsts,
+        docs_pages=DOCS_PAGES,
+        styled_at_run_time=["/redoc"],
+        trusted_pages=[dashboard.PAGE],
+    )
     return app
 
 

@@ -34,6 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from auth import TokenCodec  # noqa: E402
 
+# Screenshots the browser tests write for people to look at (git-ignored).
+ARTEFACTS = ROOT / "tests" / "artefacts"
 SECRET = "test-secret-" + "x" * 40
 PG_ADMIN_URL = os.environ.get("POMBO_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("POMBO_TEST_REDIS", "redis://127.0.0.1:6379/0")
