@@ -18,7 +18,7 @@ from starlette.types import Scope
 
 from api_system import me
 from deps import AuthFirst, caller, token_principal
-from errors import ApiError
+from errors import ApiError, answers
 from schemas import NO_NUL, Me, Strict
 from sessions import forget, keep, require_same_origin, session_token
 
@@ -46,7 +46,7 @@ class SessionOut(Strict):
     ended: str | None = Field(default=None, description="why the session's token no longer works")
 
 
-@router.get("/api/v1/session")
+@router.get("/api/v1/session", responses=answers(429))
 async def session(request: Request) -> SessionOut:
     """Who the session cookie (or a bearer token, or anonymous access) speaks for: a 200 either way,
     so that a page asking before it has signed in logs no failed request."""
@@ -57,7 +57,7 @@ async def session(request: Request) -> SessionOut:
     return SessionOut(me=await me(principal))  # as GET /api/v1/me answers
 
 
-@router.post("/api/v1/session")
+@router.post("/api/v1/session", responses=answers(401, 403, 429))
 async def sign_in(body: SignIn, request: Request, response: Response) -> Me:
     """Trade a token for an HttpOnly session cookie (for the dashboard, which then streams with it)."""
     require_same_origin(request)
@@ -66,7 +66,7 @@ async def sign_in(body: SignIn, request: Request, response: Response) -> Me:
     return await me(principal)
 
 
-@router.delete("/api/v1/session", status_code=204)
+@router.delete("/api/v1/session", status_code=204, responses=answers(403, 429))
 async def sign_out(request: Request) -> Response:
     require_same_origin(request)
     response = Response(status_code=204)

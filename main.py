@@ -72,10 +72,11 @@ from models import Token
 from notifications import Notifications
 from observability import LogFile, RequestContext, configure_logging
 from openapi import document
+from proxies import TrustedProxies
 from rate_counts import Counters
 from rate_limits import RateLimits
 from schemas import parse_duration, token_lifetime, token_subject
-from settings import ClientSettings, Settings, SettingsError, load_settings, tortoise_config
+from settings import ClientSettings, Settings, SettingsError, load_settings, proxy_networks, tortoise_config
 from sse import DirectSend
 from streams import StreamGate
 from sweeper import Sweeper
@@ -203,6 +204,9 @@ def create_app(settings: Settings) -> FastAPI:
         styled_at_run_time=["/redoc"],
         trusted_pages=[dashboard.PAGE],
     )
+    if trusted := proxy_networks(settings.trusted_proxies):
+        # Outermost: everything inside reads the client's address and scheme, not the proxy's.
+        app.add_middleware(TrustedProxies, trusted=trusted)
     return app
 
 

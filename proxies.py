@@ -1,12 +1,35 @@
-"""Who sent a request: its peer, or behind reverse proxies we trust, the address they forwarded."""
+"""Who sent a request, and how: its peer and scheme, or behind reverse proxies we trust
+(`POMBO_TRUSTED_PROXIES`), the address and scheme they forwarded."""
 
 from __future__ import annotations
 
 import ipaddress
 
-from starlette.types import Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from settings import Network
+
+SCHEMES = {"http", "https"}
+
+
+class TrustedProxies:
+    """Middleware: behind a trusted proxy, the request's `client` and `scheme` become the ones
+    it forwarded, so everything after (rate limits, the session cookie's `Secure`, the
+    same-origin check) reads the client's. uvicorn's own handling is off: it believes any local
+    peer."""
+
+    def __init__(self, app: ASGIApp, trusted: tuple[Network, ...]) -> None:
+        self.app = app
+        self.trusted = trusted
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = scope.get("client")
+        if scope["type"] in ("http", "websocket") and client and _within(str(client[0]), self.trusted):
+            scope["client"] = (client_address(scope, self.trusted), 0)
+            proto = _last_hop(scope, b"x-forwarded-proto").lower()
+            if proto in SCHEMES:
+                scope["scheme"] = proto if scope["type"] == "http" else {"http": "ws", "https": "wss"}[proto]
+        await self.app(scope, receive, send)
 
 
 def client_address(scope: Scope, trusted: tuple[Network, ...]) -> str:
@@ -37,6 +60,16 @@ def _within(address: str, trusted: tuple[Network, ...]) -> bool:
 
 
 def _forwarded_for(scope: Scope) -> list[str]:
-    """Every hop of every `X-Forwarded-For` header, in order (RFC 9110 §5.3: one list)."""
-    values = [value.decode("latin-1") for name, value in scope["headers"] if name == b"x-forwarded-for"]
+    return _hops(scope, b"x-forwarded-for")
+
+
+def _hops(scope: Scope, header: bytes) -> list[str]:
+    """Every hop of every `header` header, in order (RFC 9110 §5.3: one list)."""
+    values = [value.decode("latin-1") for name, value in scope["headers"] if name == header]
     return ",".join(values).split(",") if values else []
+
+
+def _last_hop(scope: Scope, header: bytes) -> str:
+    """What the nearest proxy wrote."""
+    hops = _hops(scope, header)
+    return hops[-1].strip() if hops else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -42,13 +43,23 @@ async def test_signing_in_sets_an_http_only_strict_cookie_for_the_tokens_lifetim
     assert_error(await http.get("/api/v1/me"), 401, "unauthorized")
 
 
-async def test_behind_an_https_proxy_the_cookie_is_secure(
-    sqlite_server: Server, http: httpx.AsyncClient
-) -> None:
-    host = sqlite_server.url.removeprefix("http://")
+async def test_behind_a_trusted_https_proxy_the_cookie_is_secure(make_server: Any) -> None:
+    server = make_server(trusted_proxies="127.0.0.1").start()
+    host = server.url.removeprefix("http://")
     headers = {"X-Forwarded-Proto": "https", "Origin": f"https://{host}"}
-    answer = await http.post("/api/v1/session", json={"token": mint()}, headers=headers)
+    async with server.client(headers={}) as http:
+        answer = await http.post("/api/v1/session", json={"token": mint()}, headers=headers)
     assert answer.status_code == 200 and "secure" in answer.headers["set-cookie"].lower()
+
+
+async def test_an_untrusted_peer_cannot_claim_https(sqlite_server: Server, http: httpx.AsyncClient) -> None:
+    host = sqlite_server.url.removeprefix("http://")
+    claimed = {"X-Forwarded-Proto": "https", "Origin": f"https://{host}"}
+    refused = await http.post("/api/v1/session", json={"token": mint()}, headers=claimed)
+    assert_error(refused, 403, "cross_origin")  # the page was not served over HTTPS by us
+    plain = {"X-Forwarded-Proto": "https", "Origin": sqlite_server.url}
+    answer = await http.post("/api/v1/session", json={"token": mint()}, headers=plain)
+    assert answer.status_code == 200 and "secure" not in answer.headers["set-cookie"].lower()
 
 
 async def test_a_bad_token_sets_no_cookie(sqlite_server: Server, http: httpx.AsyncClient) -> None:
