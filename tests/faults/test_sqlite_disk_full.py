@@ -41,7 +41,8 @@ FULL_SECONDS = float(os.environ.get("POMBO_FAULTS_FULL_SECONDS", "4"))
 FIRST_FAILURE_WITHIN = 30.0  # free pages and WAL room may absorb some writes after the fill
 BACK_WITHIN = 1.0
 MAX_LOG_LINES = 20
-ACCESS_LINE = re.compile(r"\| (GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) /\S* \d{3} [\d.]+ms$")
+# A claim's ends with the traces of the messages it handed out.
+ACCESS_LINE = re.compile(r"\| (GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) /\S* \d{3} [\d.]+ms( traces \S+)?$")
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
 
