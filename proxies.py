@@ -23,8 +23,7 @@ class TrustedProxies:
         self.trusted = trusted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        client = scope.get("client")
-        if scope["type"] in ("http", "websocket") and client and _within(str(client[0]), self.trusted):
+        if scope["type"] in ("http", "websocket") and _within(peer_address(scope), self.trusted):
             scope["client"] = (client_address(scope, self.trusted), 0)
             proto = _last_hop(scope, b"x-forwarded-proto").lower()
             if proto in SCHEMES:
@@ -36,8 +35,7 @@ def client_address(scope: Scope, trusted: tuple[Network, ...]) -> str:
     """The peer's address; when the peer is a trusted proxy, the right-most untrusted hop of
     `X-Forwarded-For` (each proxy appends the address it got the request from, so hops left of
     the first one a trusted proxy wrote are the client's to invent)."""
-    client = scope.get("client")
-    address = str(client[0]) if client else ""
+    address = peer_address(scope)
     if not trusted or not _within(address, trusted):
         return address
     for hop in reversed(_forwarded_for(scope)):
@@ -49,6 +47,13 @@ def client_address(scope: Scope, trusted: tuple[Network, ...]) -> str:
         if not any(ip in network for network in trusted):
             return address
     return address  # proxies all the way: the left-most is as far as anyone can tell
+
+
+def peer_address(scope: Scope) -> str:
+    """The address the connection came from ("" for a Unix socket); behind `TrustedProxies`,
+    the client's."""
+    client = scope.get("client")
+    return str(client[0]) if client else ""
 
 
 def _within(address: str, trusted: tuple[Network, ...]) -> bool:

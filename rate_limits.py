@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from auth import Principal
 from deps import caller
 from errors import ApiError, envelope, rate_limited
+from proxies import peer_address
 from rate_counts import Count, Counters
 from settings import Settings, rate_limits
 from streams import busy_stream, wants_event_stream
@@ -106,13 +107,13 @@ class RateLimits:
 
     def _who(self, request: Request, principal: Principal) -> str:
         if principal is request.app.state.anonymous:
-            return f"address:{_address(request.scope)}"
+            return f"address:{peer_address(request.scope)}"
         return f"subject:{principal.subject}"
 
     async def _unauthorized(self, request: Request, receive: Receive, send: Send) -> None:
         count = None
         if self.auth_failures:
-            address = f"address:{_address(request.scope)}"
+            address = f"address:{peer_address(request.scope)}"
             count = await self.counters.hit(self.auth_failures, AUTH_FAILURES, address)
         if count is not None and count.over:
             await self._refusal(request, AUTH_FAILURES, count)(request.scope, receive, send)
@@ -139,9 +140,3 @@ def _with_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
         await send(message)
 
     return sending
-
-
-def _address(scope: Scope) -> str:
-    """The client's address (`proxies.TrustedProxies` put a trusted proxy's word there)."""
-    client = scope.get("client")
-    return str(client[0]) if client else ""
