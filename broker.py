@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
+from enum import Enum
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -24,6 +25,7 @@ from redis.exceptions import RedisError
 
 from event_log import Heads, Update, read_heads, read_page
 from log_pages import SharedReads
+from metrics import NO_METRICS, Metrics
 
 # Batches waiting for Redis; past this, Redis is too far behind and replicas re-read instead.
 OUTBOX_LIMIT = 10_000
@@ -43,6 +45,17 @@ POLL_PAGE = 500
 
 # Whether a subscriber takes on a queue log that has just become live.
 Joins = Callable[[str], bool]
+
+
+class Direct(Enum):
+    """What a stream's `direct` writer did with an update it was offered."""
+
+    DECLINED = 0  # not taken: the subscriber buffers it and wakes its stream
+    SKIPPED = 1  # taken, but no frame went out (its type is filtered out, or the client left)
+    WRITTEN = 2  # its frame was written to the client
+
+
+DECLINED, SKIPPED, WRITTEN = Direct.DECLINED, Direct.SKIPPED, Direct.WRITTEN
 
 
 class Subscriber:
@@ -86,7 +99,7 @@ class Subscriber:
         self.joined: list[tuple[str, int]] = []
         # Set by a stream while it waits with nothing buffered: writes an update at once, from
         # the broker's own call, instead of waking the stream for it (False: not this one).
-        self.direct: Callable[[Update], bool] | None = None
+        self.direct: Callable[[Update], Direct] | None = None
         # Set by the stream around each write, read by `cut_stalled`: a watchdog that costs a
         # write stamp per frame instead of a timer per frame.
         self.sending_since = 0.0
@@ -105,20 +118,22 @@ class Subscriber:
                 self._event.set()
         return self._event
 
-    def offer(self, update: Update) -> None:
+    def offer(self, update: Update) -> bool:
+        """Take `update`; True when its frame was written to the client at once (`direct`)."""
         firsts = self.firsts
         if firsts is not None and update.log not in firsts:
             firsts[update.log] = update.seq
         direct = self.direct
-        if direct is not None and direct(update):
-            return
+        if direct is not None and (taken := direct(update)) is not DECLINED:
+            return taken is WRITTEN
         self.direct = None  # buffered now: what comes after it must queue behind it
         if len(self.inbox) >= self.capacity:
             # Never wait for a slow reader: drop its buffer, it re-reads the log.
             self.catch_up()
-            return
+            return False
         self.inbox.append(update)
         self.wake()
+        return False
 
     def close(self) -> None:
         """The stream should end: its client left, or the server is going down."""
@@ -193,7 +208,8 @@ class LocalFanout:
     ticking while there are any.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics = NO_METRICS) -> None:
+        self._metrics = metrics
         self._by_log: dict[str, set[Subscriber]] = {}
         self._subscribers: set[Subscriber] = set()
         self._joining: set[Subscriber] = set()  # those with `joins`
@@ -265,11 +281,14 @@ class LocalFanout:
         Waking a thousand streams at once queues a thousand writes ahead of everything else,
         the writer's next database round trips included: publishes then wait out every burst.
         """
-        backlog, budget = self._backlog, WAKE_SLICE
+        backlog, budget, delivered = self._backlog, WAKE_SLICE, self._metrics.delivered
         while backlog and budget > 0:
             update, subscribers = backlog[0]
+            written = 0
             for subscriber in subscribers[:budget]:
-                subscriber.offer(update)
+                written += subscriber.offer(update)
+            if written:  # one clock read for the slice: its lag is that of its last frame
+                delivered(update, written)
             if len(subscribers) > budget:
                 backlog[0] = (update, subscribers[budget:])
             else:
@@ -373,8 +392,8 @@ class RedisBroker(LocalFanout):
     the next one that succeeds is preceded by a resync notice: other replicas re-read the database.
     """
 
-    def __init__(self, url: str, prefix: str) -> None:
-        super().__init__()
+    def __init__(self, url: str, prefix: str, metrics: Metrics = NO_METRICS) -> None:
+        super().__init__(metrics)
         self._redis = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
         self._channel = redis_names(prefix)["events"]
         self._origin = os.urandom(8).hex()
@@ -571,5 +590,5 @@ def _unpack(item: list[object]) -> Update:
     return Update(str(log), int(str(seq)), str(type_), str(data), str(at), committed_at=committed)
 
 
-def create_broker(redis_url: str, prefix: str) -> Broker:
-    return RedisBroker(redis_url, prefix) if redis_url else MemoryBroker()
+def create_broker(redis_url: str, prefix: str, metrics: Metrics = NO_METRICS) -> Broker:
+    return RedisBroker(redis_url, prefix, metrics) if redis_url else MemoryBroker(metrics)

@@ -253,7 +253,7 @@ async def _running_app(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
 
 @asynccontextmanager
 async def _running_hub(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
-    broker = create_broker(settings.redis_url, settings.redis_prefix)
+    broker = create_broker(settings.redis_url, settings.redis_prefix, app.state.metrics)
     availability: Availability = app.state.availability
     writer = Writer(broker, settings.writer_batch, availability, app.state.metrics)
     availability.watch("database", _select_one)

@@ -63,8 +63,8 @@ class Metrics:
     def committed(self, updates: Sequence[Update], operations: int, seconds: float) -> None:
         """A group commit of `operations` that took `seconds` and appended `updates`."""
 
-    def delivered(self, update: Update) -> None:
-        """A stream wrote `update`'s frame."""
+    def delivered(self, update: Update, frames: int) -> None:
+        """`frames` streams wrote `update`'s frame just now (a fan-out counts its whole slice at once)."""
 
     def replayed(self, events: int) -> None:
         """A stream wrote `events` read back from the database in one page."""
@@ -75,6 +75,9 @@ class Metrics:
 
     def request(self, scope: Scope, status: int, seconds: float) -> None:
         """An HTTP request answered `status` after `seconds` (a stream: when it started)."""
+
+
+NO_METRICS = Metrics()
 
 
 class Tally:
@@ -192,15 +195,14 @@ class Recorder(Metrics):
         for (log, type_), count in counted.items():
             self.messages[self.queues.of(log.removeprefix("queue:"), count), TRANSITIONS[type_]] += count
 
-    def delivered(self, update: Update) -> None:
-        # Once per frame a stream writes, up to 50,000 a second: Tally.observe, inlined.
+    def delivered(self, update: Update, frames: int) -> None:
         committed = update.committed_at
         if committed is None:  # read back from the database: a replay, not a delivery
-            self.replays += 1
+            self.replays += frames
             return
         lag, tally = _now() - committed, self.delivery_lag
-        tally.counts[bisect_left(tally.bounds, lag)] += 1  # a clock stepped back counts as 0
-        tally.total += lag if lag > 0 else 0.0
+        tally.counts[bisect_left(tally.bounds, lag)] += frames  # a clock stepped back counts as 0
+        tally.total += frames * lag if lag > 0 else 0.0
 
     def replayed(self, events: int) -> None:
         self.replays += events
