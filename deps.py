@@ -11,7 +11,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import request_params_to_args
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from fastapi.security import APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyCookie, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.responses import Response
 
 from auth import Principal, TokenCodec
@@ -24,12 +24,12 @@ from log_set import read_cursor
 from models import QUEUE_NAME_PATTERN
 from notifications import Notifications
 from schemas import ID_LENGTH, INT64_MAX, NO_NUL
-from sessions import session_token
+from sessions import COOKIE, session_token
 from settings import Settings
 from streams import StreamGate, resume_cursor
 from tokens import Revocations, TokenStore
 
-# The two ways a token comes: OpenAPI's security schemes `bearer` and `access_token`.
+# The three ways a token comes: OpenAPI's security schemes `bearer`, `access_token`, `session`.
 _bearer = HTTPBearer(
     auto_error=False, scheme_name="bearer", description="a token from `python main.py token`"
 )
@@ -38,6 +38,13 @@ _access_token = APIKeyQuery(
     scheme_name="access_token",
     auto_error=False,
     description="the token in the query, for EventSource, which cannot send headers",
+)
+_session = APIKeyCookie(
+    name=COOKIE,
+    scheme_name="session",
+    auto_error=False,
+    description="the dashboard's sign-in (`POST /api/v1/session`), HttpOnly; a request that changes"
+    " something must come from this server's own pages, else 403 `cross_origin`",
 )
 
 
@@ -89,8 +96,9 @@ async def _principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     access_token: Annotated[str | None, Depends(_access_token)],
+    session: Annotated[str | None, Depends(_session)],
 ) -> Principal:
-    del credentials, access_token  # declared for OpenAPI and validation; caller() reads both
+    del credentials, access_token, session  # declared for OpenAPI and validation; caller() reads them
     return caller(request)
 
 
@@ -210,9 +218,9 @@ def _whole_number(given: str) -> int | None:
 
 
 # What the `CurrentPrincipal` dependency adds to a route's OpenAPI, for a route calling caller():
-# either scheme will do.
+# any scheme will do.
 CALLER_DOCS: dict[str, Any] = {
-    "security": [{_bearer.scheme_name: []}, {_access_token.scheme_name: []}],
+    "security": [{scheme.scheme_name: []} for scheme in (_bearer, _access_token, _session)],
 }
 
 

@@ -134,7 +134,7 @@ class ErrorOut(BaseModel):
 ERROR_STATUSES: dict[int, str] = {
     400: "a request the schema cannot judge: `malformed_json`, `invalid_content_length`, `invalid_utf8`, "
     "`invalid_encoding`, `export_too_large`",
-    401: "`unauthorized`: no valid token, as `Authorization: Bearer …` or `access_token`",
+    401: "`unauthorized`: no valid token, as `Authorization: Bearer …`, `access_token` or the session cookie",
     403: "`forbidden`: the token lacks the scope `details.needed`",
     404: "`<thing>_not_found`: `queue_not_found`, `message_not_found`, `notification_not_found`, "
     "`token_not_found`",

@@ -3,7 +3,8 @@ status an operation can meet derived here, in one place, from what its route tak
 
 FastAPI documents only 2xx and a 422 of its own shape (`{"detail": […]}`), which this server
 never sends. Here an operation gets
-- 401 and 429 when it takes a token (`security`), 403 too when its path names a queue;
+- 401 and 429 when it takes a token (`security`), 403 too when its path names a queue or it
+  changes something (the session cookie needs our own origin);
 - 404 for each path id; 400, 408, 413 and 422 for a body (415 for a text body), 422 for parameters;
 - 400 when it exports (`export_too_large`); 503 when its route reads or writes the database;
 - whatever its route adds with `errors.answers(...)`: 409s and scope checks beyond queues.
@@ -22,6 +23,7 @@ from api_messages import BATCH_PATH, batch_body
 from deps import reaches_database
 from errors import ERROR_STATUSES, ErrorOut
 from exports import CSV_TYPE
+from sessions import SAFE_METHODS
 from settings import Settings
 
 _RETRY_AFTER = {
@@ -68,6 +70,8 @@ def error_statuses(route: APIRoute, operation: dict[str, Any]) -> set[int]:
     body = operation.get("requestBody", {}).get("content", {})
     if operation.get("security"):
         statuses |= {401, 429}
+        if not (route.methods or set()) <= SAFE_METHODS:
+            statuses.add(403)  # signed in by the session cookie from a page not ours: `cross_origin`
     if "{queue}" in route.path:
         statuses.add(403)  # every scope but `notify` and `admin` names a queue
     if any(p["in"] == "path" for p in parameters):

@@ -166,9 +166,11 @@ def _compared(value: Value, reference: Value) -> str:
     return f"{show(value)} ({value / reference:.2f}x)"
 
 
-def rounds(
-    results: Sequence[Result], figures: Sequence[str] = ("messages_per_s", "server_cpu_us_per_msg")
-) -> str:
+# What an A/B of interleaved rounds compares: the steadiest figures of each scenario.
+ROUND_FIGURES = ("messages_per_s", "server_cpu_us_per_msg", "server_cpu_us_per_delivery", "p99_ms")
+
+
+def rounds(results: Sequence[Result], figures: Sequence[str] = ROUND_FIGURES) -> str:
     """Each figure of each scenario per target over the rounds, its median, and the median's
     ratio to its own target's without a variant (`pombo-sqlite+x` to `pombo-sqlite`): the A/B
     comparison of interleaved rounds."""

@@ -20,6 +20,7 @@ import pytest
 from conftest import ADMIN, Listener, Server, auth, mint, need_tool, unique
 
 from main import create_app
+from sessions import COOKIE
 from settings import load_settings
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorOut"}
@@ -125,16 +126,22 @@ def test_rate_limited_and_unavailable_say_when_to_come_back(document: dict[str, 
                 assert "Retry-After" in operation["responses"][status]["headers"], (path, method)
 
 
-def test_security_schemes_are_the_bearer_header_and_the_access_token_query(document: dict[str, Any]) -> None:
+def test_security_schemes_are_the_bearer_header_the_access_token_query_and_the_session_cookie(
+    document: dict[str, Any],
+) -> None:
     schemes = document["components"]["securitySchemes"]
     assert schemes["bearer"] == {**schemes["bearer"], "type": "http", "scheme": "bearer"}
     assert schemes["access_token"] == {**schemes["access_token"], "type": "apiKey", "in": "query"}
     assert schemes["access_token"]["name"] == "access_token"
+    assert schemes["session"] == {**schemes["session"], "type": "apiKey", "in": "cookie", "name": COOKIE}
     for path, method, operation in operations(document):
         if path in (*PROBES, SESSION):
             assert "security" not in operation, path
             continue
-        assert operation["security"] == [{"bearer": []}, {"access_token": []}], (path, method)
+        schemes_taken = [{"bearer": []}, {"access_token": []}, {"session": []}]
+        assert operation["security"] == schemes_taken, (path, method)
+        if method != "get":  # the cookie from another site's page: 403 `cross_origin`
+            assert "403" in operation["responses"], (path, method)
         # The token is a security scheme, not a parameter a client would fill by hand.
         assert all(p["name"] != "access_token" for p in operation.get("parameters", [])), (path, method)
     assert "security" not in document  # not on the docs pages, nor on the probes
