@@ -28,6 +28,7 @@ _OUR_TABLE = "event_logs"
 def backup(source: Path, target: Path) -> int:
     """Copy the database at `source` to `target`; returns the copy's size in bytes."""
     partial = target.with_name(f".{target.name}.partial")
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # `backups/pombo-$(date +%F).sqlite3`
     partial.unlink(missing_ok=True)
     partial.touch(mode=0o600)  # a copy of the database is as private as the database
     with closing(sqlite3.connect(source)) as reader, closing(sqlite3.connect(partial)) as copy:

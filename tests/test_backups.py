@@ -86,6 +86,16 @@ def _ms(latencies: list[float]) -> str:
     return f"{ordered[len(ordered) // 2] * 1000:.1f}/{ordered[-1] * 1000:.0f} ms ({len(ordered)})"
 
 
+async def test_a_backup_into_a_folder_not_made_yet_makes_it(make_server: Any, tmp_path: Path) -> None:
+    server = make_server().start()
+    await _publish_many(server, "few", 1)
+    target = tmp_path / "backups" / "2026" / "pombo.sqlite3"  # as the README's `backups/pombo-$(date +%F)`
+    copied = await asyncio.to_thread(_main, server, "backup", str(target))
+    assert copied.returncode == 0, copied.stderr
+    assert len(_messages_in(target)) >= 1_000
+    assert target.parent.stat().st_mode & 0o077 == 0
+
+
 async def test_restore_is_refused_while_the_server_runs_and_puts_the_copy_back_after(
     make_server: Any, tmp_path: Path
 ) -> None:
