@@ -357,7 +357,11 @@ def serve(settings: Settings) -> None:
     )
     with single_process(settings):
         asyncio.run(prepare_database(settings))  # before uvicorn: a failure is one line, not a traceback
-        _Server(config, app).run()
+        try:
+            _Server(config, app).run()
+        except KeyboardInterrupt:
+            # uvicorn raises the Ctrl-C again once it has shut down: done, so no traceback.
+            raise SystemExit(130) from None
 
 
 async def _mint(settings: Settings, subject: str, scopes: frozenset[str], ttl: timedelta) -> str:
