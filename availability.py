@@ -23,8 +23,9 @@ from tortoise.exceptions import DBConnectionError
 from errors import ApiError, unavailable
 
 PROBE_SECONDS = 0.5
-# A probe that takes longer than this failed: readiness must answer quickly.
-PROBE_TIMEOUT = 2.0
+# A probe that takes longer than this failed: readiness must answer quickly (an orchestrator's
+# probe often gives up after a second or two).
+PROBE_TIMEOUT = 1.5
 
 # SQLite's result codes for a file or disk that cannot serve now (the low byte of extended codes).
 _SQLITE_CODES = frozenset(
@@ -35,6 +36,23 @@ _SQLITE_CODES = frozenset(
 # 57 (shutting down, starting up), and 25006 (read-only: a standby, or recovery).
 _POSTGRES_CLASSES = ("08", "53", "57")
 _POSTGRES_READ_ONLY = "25006"
+
+
+async def _within(probe: Awaitable[object], seconds: float) -> None:
+    """Await `probe`, giving up after `seconds` without waiting for it to let go: a connection to
+    a database that stopped answering can take longer to clean up than readiness may take."""
+    task = asyncio.ensure_future(probe)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        task.add_done_callback(_forget)
+        raise TimeoutError(f"no answer within {seconds} s")
+    task.result()
+
+
+def _forget(task: asyncio.Future[object]) -> None:
+    if not task.cancelled():
+        task.exception()  # read, so that asyncio does not report it as never retrieved
 
 
 def unavailable_cause(error: BaseException) -> str | None:
@@ -146,7 +164,7 @@ class Availability:
     async def check(self, dependency: str) -> bool:
         """Probe `dependency` now and record the outcome; True when it is up."""
         try:
-            await asyncio.wait_for(self._probes[dependency](), PROBE_TIMEOUT)
+            await _within(self._probes[dependency](), PROBE_TIMEOUT)
         except Exception as error:  # noqa: BLE001 - whatever the probe met, the dependency is down
             self.failed(dependency, error)
             return False

@@ -218,8 +218,9 @@ async def pg_transaction(client: AsyncpgDBClient) -> AsyncIterator[TransactionWr
         yield wrapper
         await wrapper.commit()
         clean = True
-    except BaseException:
-        clean = await _rolled_back(wrapper)
+    except BaseException as error:
+        # A server that let a statement time out would let the rollback time out too.
+        clean = not isinstance(error, TimeoutError) and await _rolled_back(wrapper)
         raise
     finally:
         await _hand_back(pool, connection, clean)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from conftest import ADMIN, CONTROL_EVENTS, Server
+from conftest import ADMIN, CONTROL_EVENTS, Server, unique
 from httpx_sse import ServerSentEvent, SSEError, aconnect_sse
 
 RETRY_PAUSE = 0.05  # between a failed attempt and the retry on the other replica
@@ -376,3 +376,43 @@ async def drained(replicas: Replicas, queue: str, timeout: float) -> dict[str, i
             return counts
         await asyncio.sleep(0.3)
     return counts
+
+
+async def create_queues(cluster: Replicas, *names: str) -> None:
+    for name in names:
+        response = await cluster.call("setup", 0, "POST", "/api/v1/queues", json={"name": name})
+        assert response is not None and response.status_code == 201, response
+
+
+async def probe_outage(cluster: Replicas, queue: str, until: float) -> None:
+    """During the outage, each replica gets a publish and a read every 0.5 s (kind `probe`)."""
+    n = 0
+    while time.monotonic() < until - 0.3:
+        calls = []
+        for replica in range(len(cluster.servers)):
+            n += 1
+            headers = {"Idempotency-Key": unique("outage")}
+            path = f"/api/v1/queues/{queue}/messages"
+            calls.append(cluster.call("probe", replica, "POST", path, json={"body": n}, headers=headers))
+            calls.append(cluster.call("probe", replica, "GET", "/api/v1/queues"))
+        await asyncio.gather(*calls)
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(max(0.0, until - time.monotonic()))
+
+
+async def probe_recovery(
+    cluster: Replicas, queue: str, started: float, recovery: float
+) -> list[float | None]:
+    """Seconds from PostgreSQL accepting connections to each replica's first 2xx publish probe."""
+    firsts: list[float | None] = [None] * len(cluster.servers)
+    while time.monotonic() < started + recovery + 2 and None in firsts:
+        for replica, first in enumerate(firsts):
+            if first is None:
+                path = f"/api/v1/queues/{queue}/messages"
+                response = await cluster.call(
+                    "recovery", replica, "POST", path, json={"body": 1}, timeout=2.0
+                )
+                if response is not None and response.is_success:
+                    firsts[replica] = time.monotonic() - started
+        await asyncio.sleep(0.1)
+    return firsts

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -85,6 +86,28 @@ class PostgresCluster:
         if done.returncode != 0:
             raise RuntimeError(f"pg_ctl stop failed: {done.stdout}{done.stderr}{self._log_tail()}")
         return time.monotonic()
+
+    def freeze(self) -> float:
+        """SIGSTOP the server and every backend: connections stay open and nothing answers, as
+        when its host hangs or the network drops packets without a reset; returns when done."""
+        for pid in self._processes():
+            os.kill(pid, signal.SIGSTOP)
+        return time.monotonic()
+
+    def thaw(self) -> float:
+        for pid in reversed(self._processes()):
+            os.kill(pid, signal.SIGCONT)
+        return time.monotonic()
+
+    def _processes(self) -> list[int]:
+        """The postmaster (first line of postmaster.pid), then its children."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                    children.append(int(stat.parent.name))
+        return [postmaster, *children]
 
     @property
     def running(self) -> bool:

@@ -15,23 +15,16 @@ from conftest import Server, unique
 from .checks import (
     RECOVERY_SECONDS,
     Verdict,
-    check_consumption,
-    check_drained,
     check_healthz,
-    check_no_500,
-    check_published,
-    check_subscriber,
-    check_unavailable_answers,
     histogram,
     is_ready,
     note_peak_rss,
-    read_log,
     readyz_between,
     says_down,
     show,
-    stored_messages,
 )
-from .load import Call, Crew, Publisher, Replicas, Subscriber, Worker, drained, poll_health
+from .load import Call, Replicas, create_queues, probe_outage, probe_recovery
+from .mixed_load import MixedLoad
 from .services import PostgresCluster
 
 CYCLES = int(os.environ.get("POMBO_FAULTS_PG_CYCLES", "10"))
@@ -61,45 +54,14 @@ async def test_postgres_stopped_5s_and_started_ten_times_under_load(
     verdict = Verdict(f"PostgreSQL stopped {OUTAGE_SECONDS:.0f} s and started, x{CYCLES}, two replicas")
     queue, probes = unique("pg"), unique("probe")
     async with Replicas(servers) as cluster:
-        for name in (queue, probes):
-            response = await cluster.call("setup", 0, "POST", "/api/v1/queues", json={"name": name})
-            assert response is not None and response.status_code == 201, response
-        publishers = [Publisher(cluster, queue, f"p{i}", prefer=i % 2, interval=0.1) for i in range(2)]
-        subscribers = [Subscriber(cluster, queue, prefer=i % 2) for i in range(2)]
-        workers = [Worker(cluster, queue, prefer=i % 2, visibility=3.0) for i in range(2)]
-        stop_publishing, stop_working = asyncio.Event(), asyncio.Event()
-        background = Crew()
-        background.start(poll_health(cluster), *(s.run() for s in subscribers))
-        publishing = [asyncio.create_task(p.run(stop_publishing)) for p in publishers]
-        working = [asyncio.create_task(w.run(stop_working)) for w in workers]
-        try:
+        await create_queues(cluster, queue, probes)
+        load = MixedLoad.alternating(cluster, queue)
+        async with load:
             await asyncio.sleep(STEADY_SECONDS)
             outages = await run_outages(pg_cluster, cluster, probes, verdict)
-            stop_publishing.set()
-            await asyncio.gather(*publishing)
-            counts = await drained(cluster, queue, timeout=40)
-            check_drained(verdict, counts, 40)
-            stop_working.set()
-            await asyncio.gather(*working)
-            log = await read_log(cluster, queue)
-            head = log[-1]["seq"] if log else 0
-            for subscriber in subscribers:
-                await subscriber.reach(head, timeout=15)
-        finally:
-            stop_publishing.set()
-            stop_working.set()
-            await background.stop()
-            for task in (*publishing, *working):
-                task.cancel()
-        stored = await stored_messages(pg_fault_url, queue)
-    published_ids = {p.message_id for publisher in publishers for p in publisher.published.values()}
+            await load.settle(verdict)
     check_outages(verdict, cluster.calls, outages)
-    check_published(verdict, publishers, stored)
-    for n, subscriber in enumerate(subscribers):
-        check_subscriber(verdict, f"subscriber {n}", subscriber, head, published_ids)
-    check_consumption(verdict, log, stored)
-    check_no_500(verdict, cluster.calls)
-    check_unavailable_answers(verdict, cluster.calls)
+    await load.check(verdict, pg_fault_url)
     check_healthz(verdict, cluster.calls)
     alive = [s.process is not None and s.process.poll() is None for s in servers]
     same = [s.process.pid for s in servers if s.process] == pids
@@ -119,7 +81,7 @@ async def run_outages(pg: PostgresCluster, cluster: Replicas, probes: str, verdi
         restarting = time.monotonic()
         started = await asyncio.to_thread(pg.start)
         outages.append(Outage(cycle, stopping, stopped, restarting, started))
-        recovered = await probe_recovery(cluster, probes, started)
+        recovered = await probe_recovery(cluster, probes, started, RECOVERY_SECONDS)
         verdict.note(
             f"cycle {cycle}: stop took {stopped - stopping:.2f} s, start {started - restarting:.2f} s; "
             f"first 2xx after start: {', '.join(_seconds(r) for r in recovered)}"
@@ -137,38 +99,6 @@ async def run_outages(pg: PostgresCluster, cluster: Replicas, probes: str, verdi
             break
         await asyncio.sleep(STEADY_SECONDS)
     return outages
-
-
-async def probe_outage(cluster: Replicas, queue: str, until: float) -> None:
-    """During the outage, each replica gets a publish and a read every 0.5 s (kind `probe`)."""
-    n = 0
-    while time.monotonic() < until - 0.3:
-        calls = []
-        for replica in range(len(cluster.servers)):
-            n += 1
-            headers = {"Idempotency-Key": unique("outage")}
-            path = f"/api/v1/queues/{queue}/messages"
-            calls.append(cluster.call("probe", replica, "POST", path, json={"body": n}, headers=headers))
-            calls.append(cluster.call("probe", replica, "GET", "/api/v1/queues"))
-        await asyncio.gather(*calls)
-        await asyncio.sleep(0.5)
-    await asyncio.sleep(max(0.0, until - time.monotonic()))
-
-
-async def probe_recovery(cluster: Replicas, queue: str, started: float) -> list[float | None]:
-    """Seconds from PostgreSQL accepting connections to each replica's first 2xx publish probe."""
-    firsts: list[float | None] = [None] * len(cluster.servers)
-    while time.monotonic() < started + RECOVERY_SECONDS + 2 and None in firsts:
-        for replica, first in enumerate(firsts):
-            if first is None:
-                path = f"/api/v1/queues/{queue}/messages"
-                response = await cluster.call(
-                    "recovery", replica, "POST", path, json={"body": 1}, timeout=2.0
-                )
-                if response is not None and response.is_success:
-                    firsts[replica] = time.monotonic() - started
-        await asyncio.sleep(0.1)
-    return firsts
 
 
 def check_outages(verdict: Verdict, calls: list[Call], outages: list[Outage]) -> None:

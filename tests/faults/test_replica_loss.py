@@ -17,20 +17,13 @@ from conftest import Server, unique
 from .checks import (
     RECOVERY_SECONDS,
     Verdict,
-    check_consumption,
-    check_drained,
     check_healthz,
-    check_no_500,
-    check_published,
-    check_subscriber,
-    check_unavailable_answers,
     first_success_after,
     histogram,
     note_peak_rss,
-    read_log,
-    stored_messages,
 )
-from .load import Call, Crew, Publisher, Replicas, Subscriber, Worker, drained, poll_health
+from .load import Call, Publisher, Replicas, Subscriber, Worker
+from .mixed_load import MixedLoad
 
 SETTINGS = {"heartbeat_seconds": "2", "sweep_seconds": "0.5"}
 FAIL_OVER_WITHIN = 2.0  # a publisher's next 2xx after the loss, on the other replica
@@ -60,39 +53,23 @@ async def lose_a_replica(servers: list[Server], database_url: str, signum: signa
     async with Replicas(servers) as cluster:
         response = await cluster.call("setup", 0, "POST", "/api/v1/queues", json={"name": queue})
         assert response is not None and response.status_code == 201, response
-        publishers = [Publisher(cluster, queue, f"p{i}", prefer=0, interval=0.01) for i in range(3)]
-        subscribers = [Subscriber(cluster, queue, prefer=0) for _ in range(2)]
-        workers = [Worker(cluster, queue, prefer=i, visibility=3.0) for i in range(2)]
-        stop_publishing, stop_working = asyncio.Event(), asyncio.Event()
-        background = Crew()
-        background.start(poll_health(cluster), *(s.run() for s in subscribers))
-        publishing = [asyncio.create_task(p.run(stop_publishing)) for p in publishers]
-        working = [asyncio.create_task(w.run(stop_working)) for w in workers]
-        try:
+        load = MixedLoad(
+            cluster,
+            queue,
+            publishers=[Publisher(cluster, queue, f"p{i}", prefer=0, interval=0.01) for i in range(3)],
+            subscribers=[Subscriber(cluster, queue, prefer=0) for _ in range(2)],
+            workers=[Worker(cluster, queue, prefer=i, visibility=3.0) for i in range(2)],
+        )
+        async with load:
             await asyncio.sleep(3)
             log_from, lost_at = victim.log_path.stat().st_size, time.monotonic()
             exit_code, exited_at = await signal_and_wait(victim, signum)
             shutdown_log = victim.log_path.read_bytes()[log_from:].decode(errors="replace")
             await asyncio.sleep(4)
-            stop_publishing.set()
-            await asyncio.gather(*publishing)
-            check_drained(verdict, await drained(cluster, queue, timeout=30), 30)
-            stop_working.set()
-            await asyncio.gather(*working)
-            log = await read_log(cluster, queue)
-            head = log[-1]["seq"] if log else 0
-            for subscriber in subscribers:
-                await subscriber.reach(head, timeout=15)
+            await load.settle(verdict, within=30)
             restarted_at = time.monotonic()
             await asyncio.to_thread(victim.start)  # the lost replica comes back and serves again
             back = await publish_until_2xx(cluster, 0, unique("back"), restarted_at + RECOVERY_SECONDS)
-        finally:
-            stop_publishing.set()
-            stop_working.set()
-            await background.stop()
-            for task in (*publishing, *working):
-                task.cancel()
-        stored = await stored_messages(database_url, queue)
     calls = cluster.calls
     verdict.note(f"replica 0 exited {exit_code} {exited_at - lost_at:.2f} s after {signum.name}")
     if signum == signal.SIGTERM:
@@ -107,15 +84,10 @@ async def lose_a_replica(servers: list[Server], database_url: str, signum: signa
     verdict.expect(back is not None, f"the restarted replica served no 2xx within {RECOVERY_SECONDS:.0f} s")
     survivor_5xx = [c for c in calls if c.replica == 1 and c.status is not None and c.status >= 500]
     verdict.expect(not survivor_5xx, f"the surviving replica answered 5xx: {histogram(survivor_5xx)}")
-    check_published(verdict, publishers, stored)
-    published_ids = {p.message_id for publisher in publishers for p in publisher.published.values()}
-    for n, subscriber in enumerate(subscribers):
-        check_subscriber(verdict, f"subscriber {n}", subscriber, head, published_ids)
+    await load.check(verdict, database_url)
+    for n, subscriber in enumerate(load.subscribers):
         moved = {replica for _, replica, status in subscriber.connects if status == 200}
         verdict.expect(1 in moved, f"subscriber {n} never streamed from the surviving replica")
-    check_consumption(verdict, log, stored)
-    check_no_500(verdict, calls)
-    check_unavailable_answers(verdict, calls)
     check_healthz(verdict, [c for c in calls if c.replica == 1])
     verdict.note(f"all calls: {histogram(calls)}")
     note_peak_rss(verdict, servers)
