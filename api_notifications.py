@@ -107,11 +107,14 @@ async def stream_notifications(request: Request) -> Response:
     return open_stream(broker, settings, principal, {side.log: cursor}, gate=gate, accept=accept, side=side)
 
 
-def unread_count_side(notifications: Notifications, subject: str) -> Side:
-    """`unread_count` on connect and after each change to the person's notifications."""
+def unread_count_side(notifications: Notifications, subject: str, label: str | None = None) -> Side:
+    """`unread_count` on connect and after each change to the person's notifications; in a stream
+    of several logs, naming its log (`label`)."""
+    named = {} if label is None else {"log": label}
 
     async def unread() -> bytes:
-        return control_frame("unread_count", {"unread_count": await notifications.unread_count(subject)})
+        count = await notifications.unread_count(subject)
+        return control_frame("unread_count", {"unread_count": count, **named})
 
     return Side(user_log(subject), unread)
 

@@ -11,6 +11,7 @@ from fastapi.responses import Response
 
 from api_notifications import unread_count_side
 from auth import Principal
+from broker import Broker
 from deps import (
     STREAM_DOCS,
     AuthFirst,
@@ -24,8 +25,9 @@ from deps import (
     stream_positions,
     stream_types,
 )
-from errors import forbidden_queues, validation_error
-from log_set import CURSOR_PATTERN, PATTERN, QueuePatterns, is_pattern, label_of
+from errors import ApiError, forbidden_queues, too_many_logs, validation_error
+from hub import Hub
+from log_set import CURSOR_PATTERN, NOTIFICATIONS, PATTERN, QueuePatterns, is_pattern, label_of
 from models import QUEUE_NAME_PATTERN
 from sse import documented_as_sse
 from streams import Several, live_queue_log, open_stream
@@ -49,7 +51,8 @@ _DOCS = {
                 "items": {"type": "string", "pattern": f"{QUEUE_NAME_PATTERN}|{PATTERN}"},
             },
             "description": "a queue, or a pattern (`builds.*`): the queues matching it that you may"
-            " subscribe to, created later included; repeat or comma-separate",
+            " subscribe to, created later included (a queue named that does not exist yet is followed"
+            " from its creation); repeat or comma-separate",
         },
         {
             "name": "notifications",
@@ -88,9 +91,11 @@ _SSE = documented_as_sse(
 )
 _SSE["responses"] |= {
     403: {"description": "a queue or pattern the token may not subscribe to (all named in `details.queues`)"},
-    404: {"description": "a queue named that does not exist"},
+    # A body of its own, so that this description is not replaced by the catalogue's (`openapi.py`).
     422: {
-        "description": "a bad queue name, cursor or `notifications`, or more logs than POMBO_STREAM_MAX_LOGS"
+        "description": "`validation_error`: a bad queue name, cursor or `notifications`; `too_many_logs`:"
+        " more logs than POMBO_STREAM_MAX_LOGS, with `details.logs` (how many) and `details.limit`",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}},
     },
 }
 
@@ -102,18 +107,14 @@ async def stream_logs(request: Request) -> Response:
     Each event's data is its resource with `log` added (the queue's name, or `@notifications`);
     its `id:` is the position in every log, so `Last-Event-ID` resumes them all at once.
     """
-    hub, broker, settings = hub_of(request), broker_of(request), settings_of(request)
+    broker, settings = broker_of(request), settings_of(request)
     principal = caller(request)
     wanted, notifications = _followed(request)
     _require_subscribe(principal, wanted)
-    names, patterns = [q for q in wanted if not is_pattern(q)], [q for q in wanted if is_pattern(q)]
     positions = stream_positions(request)
-    # One read of the live queues for every pattern stream opening at once.
-    live_queues = partial(broker.reads.shared, ("live queues",), hub.live_queue_names)
-    following = QueuePatterns(tuple(patterns), principal, live_queues) if patterns else None
-    side = unread_count_side(notifications_of(request), principal.subject) if notifications else None
-    logs = [await live_queue_log(broker, name, hub.live_queue) for name in names]
-    logs += [log for log in await following.matching() if log not in logs] if following else []
+    logs, following = await _queue_logs(request, principal, wanted)
+    subject = principal.subject
+    side = unread_count_side(notifications_of(request), subject, NOTIFICATIONS) if notifications else None
     logs += [side.log] if side else []
     _within_bound(len(logs), settings.stream_max_logs)
     # Resuming, a log the cursor leaves out is new to the client: all of it is news.
@@ -145,10 +146,39 @@ def _followed(request: Request) -> tuple[list[str], bool]:
     return wanted, bool(notifications)
 
 
+async def _queue_logs(
+    request: Request, principal: Principal, wanted: list[str]
+) -> tuple[list[str], QueuePatterns | None]:
+    """The logs of the queues asked for that the stream follows from the start, and what takes on
+    more: the patterns, and the queues named that do not exist (yet), each a pattern of one name."""
+    hub, broker = hub_of(request), broker_of(request)
+    names, patterns = [q for q in wanted if not is_pattern(q)], [q for q in wanted if is_pattern(q)]
+    logs, missing = await _live_and_missing(broker, hub, names)
+    # One read of the live queues for every pattern stream opening at once.
+    live_queues = partial(broker.reads.shared, ("live queues",), hub.live_queue_names)
+    later = (*patterns, *missing)
+    following = QueuePatterns(later, principal, live_queues) if later else None
+    logs += [log for log in await following.matching() if log not in logs] if following else []
+    return logs, following
+
+
+async def _live_and_missing(broker: Broker, hub: Hub, names: list[str]) -> tuple[list[str], list[str]]:
+    """The logs of the queues named that are live, and the names of those that are not (yet)."""
+    logs: list[str] = []
+    missing: list[str] = []
+    for name in names:
+        try:
+            logs.append(await live_queue_log(broker, name, hub.live_queue))
+        except ApiError as error:
+            if error.status != 404:
+                raise
+            missing.append(name)
+    return logs, missing
+
+
 def _within_bound(logs: int, bound: int) -> None:
     if logs > bound:
-        message = f"the stream would follow {logs} logs; POMBO_STREAM_MAX_LOGS allows {bound}"
-        raise validation_error({"query.queue": [message]}, message)
+        raise too_many_logs(logs, bound)
 
 
 def _require_subscribe(principal: Principal, queues: list[str]) -> None:

@@ -47,6 +47,11 @@ def validation_error(details: dict[str, Any], message: str = "request is invalid
     return ApiError(422, "validation_error", message, details)
 
 
+def too_many_logs(logs: int, limit: int) -> ApiError:
+    message = f"the stream would follow {logs} logs; POMBO_STREAM_MAX_LOGS allows {limit}"
+    return ApiError(422, "too_many_logs", message, {"logs": logs, "limit": limit})
+
+
 def too_large(limit: int) -> ApiError:
     return ApiError(413, "too_large", f"request body exceeds {limit} bytes", {"limit": limit})
 
@@ -143,7 +148,8 @@ ERROR_STATUSES: dict[int, str] = {
     "`idempotency_conflict`",
     413: "`too_large`: the body is over `details.limit` bytes",
     415: "`unsupported_charset`: a text body in a charset this server does not know",
-    422: "`validation_error`: `details` names each field and its problems",
+    422: "`validation_error`: `details` names each field and its problems; `too_many_logs`: a stream"
+    " over `details.limit` logs",
     429: "`rate_limited`: come back after `Retry-After` seconds",
     503: "`unavailable`: the database cannot serve now; come back after `Retry-After` seconds",
 }

@@ -498,4 +498,4 @@ class Listener:
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
 
-CONTROL_EVENTS = {"stream.reset", "stream.expired", "unread_count"}
+CONTROL_EVENTS = {"stream.reset", "stream.expired", "stream.limit", "stream.busy", "unread_count"}

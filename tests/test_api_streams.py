@@ -110,7 +110,7 @@ async def test_three_queues_and_notifications_each_event_once_in_order_then_resu
     heads = {q: await head_of(client, q) for q in queues} | {"@notifications": 0}
     async with Listener(url(server), headers=viewer, params=params) as listener:
         [count] = await listener.wait_for(1, event="unread_count")
-        assert json.loads(count.data) == {"unread_count": 0}
+        assert json.loads(count.data) == {"unread_count": 0, "log": "@notifications"}
         await publish_all(client, queues, subject, range(20))
         events = await logged(listener, 80)
     assert_each_once_in_order(events, queues, range(20), heads)
@@ -159,8 +159,36 @@ async def test_a_queue_the_token_may_not_read_is_refused_naming_each(
         async with http.stream("GET", PATH, params={"queue": queues[0]}, headers=reader) as allowed:
             assert allowed.status_code == 200
         assert_error(await http.get(PATH, params={"queue": queues[0]}), 401, "unauthorized")
-        missing = await http.get(PATH, params={"queue": f"{base}-nothing"}, headers=ADMIN)
-        assert_error(missing, 404, "queue_not_found")
+
+
+async def test_a_queue_named_before_it_exists_is_followed_from_its_creation(
+    server: Server, client: httpx.AsyncClient
+) -> None:
+    base = unique("later")
+    old, late, gone = await create_queue(client, f"{base}-old"), f"{base}-late", f"{base}-gone"
+    await create_queue(client, gone)
+    assert (await client.delete(f"/api/v1/queues/{gone}")).status_code == 200
+    viewer = auth(mint(unique("viewer"), f"subscribe:{base}-*"))
+    params = [("queue", old), ("queue", late), ("queue", gone), ("notifications", "true")]
+    async with Listener(url(server), headers=viewer, params=params) as listener:
+        assert listener.response is not None and listener.response.status_code == 200
+        await publish(client, old, "before")
+        await listener.wait_for(1, event="message.created")
+        await create_queue(client, late)
+        await create_queue(client, f"{late}x")  # only the very name: never seen
+        for n in range(3):
+            await publish(client, late, n)
+        assert (await client.post(f"/api/v1/queues/{gone}/restore")).status_code == 200
+        await publish(client, gone, "back")
+        events = await logged(listener, 7)
+    logs = by_log(events)
+    assert set(logs) == {old, late, gone}
+    assert [(seq, data.get("body")) for seq, data in logs[late]] == [(1, None), (2, 0), (3, 1), (4, 2)]
+    assert [(seq, data.get("body")) for seq, data in logs[gone]] == [(3, None), (4, "back")]
+    assert set(positions(events[-1])) == {old, late, gone, "@notifications"}
+    # The single queue's stream still refuses a queue that does not exist.
+    missing = await client.get(f"/api/v1/queues/{base}-nothing/stream")
+    assert_error(missing, 404, "queue_not_found")
 
 
 async def test_a_cursor_that_cannot_be_read_is_422_and_a_stale_one_reset_per_log(
@@ -222,8 +250,9 @@ async def test_at_most_so_many_logs_a_stream(make_server: Any) -> None:
         response = await http.get(
             PATH, params=[("queue", first), ("queue", second), ("notifications", "true")]
         )
-        error = assert_error(response, 422, "validation_error")
+        error = assert_error(response, 422, "too_many_logs")
         assert "POMBO_STREAM_MAX_LOGS" in error["message"], error
+        assert error["details"] == {"logs": 3, "limit": 2}
         async with Listener(url(server), params=[("queue", first), ("queue", f"{base}.x*")]) as listener:
             await create_queue(http, f"{base}.x1")  # the second log: taken on
             await listener.wait_for(1)
@@ -250,3 +279,16 @@ async def test_a_pattern_on_one_replica_takes_on_a_queue_created_on_the_other(
         (1, None),
         *((n + 2, n) for n in range(5)),
     ]
+
+
+async def test_a_queue_named_on_one_replica_is_followed_once_the_other_creates_it(
+    replicas: tuple[Server, Server],
+) -> None:
+    first, second = replicas
+    late = unique("rep-late")
+    async with first.client() as one, Listener(url(second), params={"queue": late}) as listener:
+        await create_queue(one, late)
+        for n in range(2):
+            await publish(one, late, n)
+        logs = by_log(await logged(listener, 3))
+    assert [(seq, data.get("body")) for seq, data in logs[late]] == [(1, None), (2, 0), (3, 1)]

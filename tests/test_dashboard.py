@@ -392,16 +392,167 @@ async def _shows(page: Page, count: int) -> bool:
     return await page.locator(".feed .event").count() >= count
 
 
-async def test_a_stream_the_server_refuses_is_said_out_loud(make_server: Any, tabs: Any) -> None:
-    server = make_server(stream_max_logs="2").start()
-    for _ in range(2):
-        await make_queue(server)
-    browser_tabs: Tabs = await tabs(server)
-    page = await browser_tabs.sign_in(mint())  # two queues and the notifications: three logs
+async def test_a_stream_the_server_refuses_is_said_out_loud(sqlite_server: Server, tabs: Any) -> None:
+    # A scope the token may hold but the stream takes as no queue name or pattern: the page can
+    # follow nothing less that would do, so it says why and waits.
+    browser_tabs: Tabs = await tabs(sqlite_server)
+    page = await browser_tabs.sign_in(mint(unique("odd"), "subscribe:Orders"))
     toast = page.locator(".toast.error", has_text="Live updates paused")
     await toast.wait_for(timeout=10_000)
-    assert "POMBO_STREAM_MAX_LOGS allows 2" in (await toast.text_content() or "")
+    assert "not a queue name or pattern: 'Orders'" in (await toast.text_content() or "")
     assert await page.get_attribute(".topbar .conn", "data-state") != "live"
+    assert await page.locator('[data-testid="overview"]').is_hidden()
+
+
+# Past the bound on logs: an overview ------------------------------------------------------------
+
+POLL_SECONDS = 5  # dashboard/js/queues.js
+
+
+async def make_queues(server: Server, names: list[str]) -> None:
+    async with server.client() as http:
+        for name in names:
+            created = await http.post("/api/v1/queues", json={"name": name})
+            assert created.status_code == 201, created.text
+
+
+def pending(page: Page, queue: str) -> Any:
+    return page.locator(f'.queue-row[data-queue="{queue}"] .chip[data-status="pending"] b')
+
+
+async def test_more_queues_than_a_stream_follows_polls_counts_and_keeps_the_open_queue_live(
+    make_server: Any, tabs: Any
+) -> None:
+    server = make_server(stream_max_logs="3").start()
+    names = [f"ov-{n:03}" for n in range(60)]
+    await make_queues(server, names[:2])  # two queues and the notifications: three logs, live
+    admin = unique("admin")
+    browser_tabs: Tabs = await tabs(server)
+    page = await browser_tabs.sign_in(mint(admin, "admin"))
+    await live(page)
+    note = page.locator('[data-testid="overview"]')
+    assert await note.is_hidden()
+    await make_queues(server, names[2:])  # the stream takes on a third queue: `stream.limit`
+    await note.wait_for(timeout=5000)
+    assert f"every {POLL_SECONDS} s" in (await note.text_content() or "")
+    await live(page)
+    await page.locator(".queue-row").nth(49).wait_for()
+    assert await page.locator(".queue-row").count() == 50
+    assert await page.text_content(".view-head .muted") == "60 queues"
+
+    # A queue the stream does not follow: its count moves within the poll interval.
+    sent = time.monotonic()
+    await publish(server, names[1], "polled")
+    await wait_until(lambda: _text_is(pending(page, names[1]), "1"), timeout=POLL_SECONDS + 3)
+    polled = time.monotonic() - sent
+    print(f"publish -> count in the list, polled: {polled:.2f} s")
+    assert polled < POLL_SECONDS + 1.5
+
+    # Paging and the filter reach the queues past the first page.
+    await page.click(".list-pager button:text('Next')")
+    await page.locator(f'.queue-row[data-queue="{names[55]}"]').wait_for()
+    assert await page.text_content(".list-pager .muted") == "51\u201360 of 60"
+    await page.click(".list-pager button:text('Previous')")
+    await page.fill("input[name=filter]", names[58])
+    await page.locator(".queue-row").first.wait_for()
+    await wait_until(lambda: _rows_are(page, [names[58]]))
+
+    # The open queue is followed live, by name; the notifications too.
+    await page.click(f'a.queue-name:text-is("{names[58]}")')
+    await page.wait_for_selector(".feed-card")
+    await live(page)
+    await page.evaluate(ARRIVALS)
+    message = await publish(server, names[58], "live")
+    sent = time.time()
+    await wait_until(lambda: _arrived(page, 1), timeout=3)
+    arrived: dict[str, float] = await page.evaluate("window.arrivals")
+    delay = arrived[message["id"][-8:]] / 1000 - sent
+    print(f"publish -> feed row, overview: {delay * 1000:.0f} ms")
+    assert delay < 1.0
+    await notify_one(server, admin)
+    await page.wait_for_function("document.querySelector('[data-testid=unread]').textContent === '1'")
+    assert await streams(server) == 1
+
+    # A browser that signs in now is refused the whole plan (422 `too_many_logs`): same overview.
+    phone_tabs: Tabs = await tabs(server, PHONE)
+    phone = await phone_tabs.sign_in(mint(admin, "admin"))
+    await phone.locator('[data-testid="overview"]').wait_for(timeout=5000)
+    await live(phone)
+    await phone.locator(".queue-row").nth(49).wait_for()
+    ARTEFACTS.mkdir(exist_ok=True)
+    await page.goto(f"{server.url}/#/queues")
+    await page.locator(".queue-row").first.wait_for()
+    await page.screenshot(path=ARTEFACTS / "queues-overview-desktop-light.png")
+    await phone.screenshot(path=ARTEFACTS / "queues-overview-phone-light.png")
+    for each in (browser_tabs, phone_tabs):
+        refused = [p for p in each.problems if "status of 422" in p]
+        assert [p for p in each.problems if p not in refused] == []
+
+
+@pytest.mark.parametrize("sharing", ["SharedWorker", "BroadcastChannel"])
+async def test_in_overview_each_tab_keeps_its_open_queue_live(
+    make_server: Any, tabs: Any, sharing: str
+) -> None:
+    server = make_server(stream_max_logs="3").start()
+    names = [f"two-{n}" for n in range(4)]
+    await make_queues(server, names)
+    browser_tabs: Tabs = await tabs(server)
+    if sharing == "BroadcastChannel":
+        await browser_tabs.context.add_init_script("delete window.SharedWorker;")
+    first = await queue_page(browser_tabs, mint(), names[0])
+    second = await browser_tabs.open(f"/#/queues/{names[3]}")
+    await second.wait_for_selector(".feed-card")
+    await live(second)
+    for page, queue in ((first, names[0]), (second, names[3]), (first, names[0])):
+        message = await publish(server, queue, f"to {queue}")
+        await page.locator(".feed .event", has_text=message["id"][-8:]).wait_for(timeout=3000)
+    assert await streams(server) == 1
+    # The other tab leaves its queue: the stream follows what is still open.
+    await second.goto(f"{server.url}/#/queues")
+    await second.locator('[data-testid="overview"]').wait_for()
+    message = await publish(server, names[0], "still live")
+    await first.locator(".feed .event", has_text=message["id"][-8:]).wait_for(timeout=3000)
+    assert await feed_seqs(first) == [1, 2, 3, 4]
+    for page in (first, second):
+        assert await page.locator(".toast.error").count() == 0
+    browser_tabs.problems = [p for p in browser_tabs.problems if "status of 422" not in p]
+    assert browser_tabs.problems == []
+
+
+async def _text_is(locator: Any, text: str) -> bool:
+    return await locator.count() > 0 and await locator.text_content() == text
+
+
+async def _rows_are(page: Page, names: list[str]) -> bool:
+    shown = await page.eval_on_selector_all(".queue-row", "rows => rows.map(r => r.dataset.queue)")
+    return bool(shown == names)
+
+
+async def notify_one(server: Server, subject: str) -> None:
+    async with server.client() as http:
+        note = {"recipients": [subject], "type": "note", "title": "hello"}
+        assert (await http.post("/api/v1/notifications", json=note)).status_code == 201
+
+
+async def test_a_queue_named_in_the_scopes_appears_once_created_without_a_reload(
+    sqlite_server: Server, tabs: Any
+) -> None:
+    queue = unique("soon")
+    browser_tabs: Tabs = await tabs(sqlite_server)
+    page = await browser_tabs.sign_in(mint(unique("watcher"), f"subscribe:{queue}"))
+    await live(page)
+    await page.locator(".queue-list .empty").wait_for()
+    await make_queue(sqlite_server, queue)
+    row = page.locator(f'.queue-row[data-queue="{queue}"]')
+    await row.wait_for(timeout=3000)
+    await publish(sqlite_server, queue, "first")
+    await pending(page, queue).filter(has_text="1").wait_for(timeout=2000)
+    await row.locator("a.queue-name").click()
+    await page.wait_for_selector(".feed-card")
+    message = await publish(sqlite_server, queue, "second")
+    await page.locator(".feed .event", has_text=message["id"][-8:]).wait_for(timeout=2000)
+    assert await feed_seqs(page) == [1, 2, 3]
+    assert browser_tabs.problems == []
 
 
 # One connection per browser ---------------------------------------------------------------------

@@ -34,19 +34,16 @@ function end(reason) {
   showSignIn(ENDED[reason] ?? `Your session ended: ${reason}. Sign in again.`);
 }
 
-// What the one stream follows: the token's subscribe patterns, and the queues it names one by
-// one that exist (a stream refuses a queue that does not), plus its notifications.
-async function planFor(access) {
-  const patterns = access.patterns();
-  const named = patterns.filter((pattern) => !/[*?[]/.test(pattern));
-  const existing = named.length ? (await api("/queues?limit=200")).items.map((queue) => queue.name) : [];
-  const queues = patterns.filter((pattern) => !named.includes(pattern) || existing.includes(pattern));
-  return { subject: access.subject, queues, notifications: true };
+// What the one stream follows: the token's subscribe patterns and the queues it names one by one
+// (the stream takes on such a queue once it is created), plus its notifications. Past the
+// server's bound on logs the connection follows less (overview, connection.js).
+function planFor(access) {
+  return { subject: access.subject, queues: access.patterns(), notifications: true };
 }
 
-async function start(me) {
+function start(me) {
   const access = new Access(me);
-  const plan = await planFor(access);
+  const plan = planFor(access);
   session = { access, stream, unmount: null };
   const { main } = shell(root, { access, stream, onSignOut: signOut });
   session.main = main;
@@ -66,7 +63,9 @@ function route() {
   if (!session) return;
   session.unmount?.();
   const [, view, name, , messageId] = location.hash.replace(/^#\/?/, "/").split("/").map(decodeURIComponent);
-  if (view === "queues" && name) {
+  const viewing = view === "queues" && name ? name : null;
+  stream.view(viewing && session.access.can("subscribe", viewing) ? viewing : null);
+  if (viewing) {
     document.title = `${name} · Pombo`;
     session.unmount = queueView(session.main, session, name, messageId);
   } else {

@@ -110,6 +110,7 @@ export function notifications(stream) {
     else if (type === "notification.deleted") items.get(data.id)?.element.remove();
   });
 
+  stream.on("resync", () => !panel.hidden && load()); // the new stream's unread_count sets the badge
   api("/notifications/unread-count").then((body) => setUnread(body.unread_count), () => {});
   return { button, panel };
 }

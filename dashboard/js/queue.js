@@ -40,7 +40,7 @@ export function queueView(main, { access, stream }, name, messageId) {
   const feedCount = h("span", { class: "muted small", "data-testid": "feed-count" });
   const earlier = h("li", { class: "earlier", hidden: true });
   const badge = connectionBadge(stream);
-  const feed = { last: 0, hidden: 0, loading: true, buffered: [] };
+  const feed = { last: 0, hidden: 0, loading: true, buffered: [], generation: 0 };
 
   replace(
     main,
@@ -132,14 +132,18 @@ export function queueView(main, { access, stream }, name, messageId) {
   }
 
   // The feed: the retained log (its last FEED_MAX events), then live events, each exactly once.
+  // A reload while an earlier one still reads wins: the earlier one stops.
   async function loadFeed() {
+    const mine = feed.generation;
     const first = await api(`${queuePath(name, "/events")}${query({ after: 0, limit: 1 })}`);
+    if (mine !== feed.generation) return;
     const oldest = first.items[0]?.seq ?? 1;
     const head = oldest + first.total - 1;
     feed.last = Math.max(oldest - 1, head - FEED_MAX);
     feed.hidden = feed.last - (oldest - 1);
     for (;;) {
       const page = await api(`${queuePath(name, "/events")}${query({ after: feed.last, limit: EVENTS_PAGE })}`);
+      if (mine !== feed.generation) return;
       for (const event of page.items) addEvent(event.seq, event.type, event.data, event.at);
       if (!page.has_more || !page.items.length) break;
     }
@@ -207,12 +211,13 @@ export function queueView(main, { access, stream }, name, messageId) {
     legend(rates, series, ["published", "acked"]);
   }
 
-  const offs = [stream.on("event", onEvent), stream.on("reset", (m) => m.log === name && reload()), badge.off];
+  // `resync`: the stream now follows other logs and began live; what it did not carry is reloaded.
+  const offs = [stream.on("event", onEvent), stream.on("reset", (m) => m.log === name && reload()), stream.on("resync", () => reload()), badge.off];
   const ticker = setInterval(draw, 1000);
   draw();
   function reload() {
     replace(feedList, earlier);
-    Object.assign(feed, { last: 0, hidden: 0, loading: true, buffered: [] });
+    Object.assign(feed, { last: 0, hidden: 0, loading: true, buffered: [], generation: feed.generation + 1 });
     return Promise.all([loadQueue(), loadMessages(), loadFeed()]);
   }
   reload().then(() => messageId && messageDialog(name, messageId, { access, stream }), (error) => toast(error.message, "error"));

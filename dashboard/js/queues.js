@@ -33,26 +33,112 @@ export function countChips(counts) {
   );
 }
 
+const PAGE = 50; // queues a page of the list shows
+const FETCH = 200; // the most the API gives at once
+export const POLL_SECONDS = 5; // how often counts refresh when the stream cannot follow every queue
+
 export function queuesView(main, { access, stream }) {
   const rows = new Map(); // name -> {queue, element, chips, chart, rates}
-  const showDeleted = h("input", { type: "checkbox", onchange: () => load() });
+  const state = { offset: 0, loading: 0, poll: null };
+  const showDeleted = h("input", { type: "checkbox", onchange: () => first() });
+  const filter = h("input", { class: "queue-filter", type: "search", name: "filter", placeholder: "Filter by name", "aria-label": "Filter queues by name", maxlength: 64, autocomplete: "off" });
+  let typing = null;
+  filter.addEventListener("input", () => (clearTimeout(typing), (typing = setTimeout(first, 250))));
   const list = h("div", { class: "queue-list", role: "list" });
   const summary = h("span", { class: "muted" });
+  const mode = h("p", { class: "mode-note", role: "status", "data-testid": "overview", hidden: true });
+  const pageInfo = h("span", { class: "muted small" });
+  const previous = h("button", { class: "small", type: "button", onclick: () => turn(-1) }, "‹ Previous");
+  const next = h("button", { class: "small", type: "button", onclick: () => turn(1) }, "Next ›");
+  const pager = h("footer", { class: "pager list-pager", "aria-label": "Pages of queues" }, pageInfo, h("div", {}, previous, next));
   const create = access.managesSome ? h("button", { class: "primary", type: "button", onclick: () => edit(null) }, plus(), "New queue") : null;
+  const chartHead = h("span", {}, "Throughput, last 5 min");
   replace(
     main,
-    h("div", { class: "view-head" }, h("div", {}, h("h1", {}, "Queues"), summary), h("div", { class: "actions" }, access.managesSome ? h("label", { class: "check" }, showDeleted, " Show deleted") : null, create)),
-    h("div", { class: "queue-list-head", "aria-hidden": "true" }, h("span", {}, "Queue"), h("span", {}, "Messages"), h("span", {}, "Throughput, last 5 min"), h("span", {})),
+    h("div", { class: "view-head" }, h("div", {}, h("h1", {}, "Queues"), summary), h("div", { class: "actions" }, filter, access.managesSome ? h("label", { class: "check" }, showDeleted, " Show deleted") : null, create)),
+    mode,
+    h("div", { class: "queue-list-head", "aria-hidden": "true" }, h("span", {}, "Queue"), h("span", {}, "Messages"), chartHead, h("span", {})),
     list,
+    pager,
   );
 
+  function first() {
+    state.offset = 0;
+    load();
+  }
+
+  function turn(by) {
+    state.offset = Math.max(0, state.offset + by * PAGE);
+    load();
+  }
+
+  // The page of queues the filter and paging ask for; a newer load wins over an older one.
   async function load() {
-    const page = await api(`/queues${query({ limit: 200, include_deleted: showDeleted.checked || "" })}`);
-    rows.clear();
-    replace(list, page.items.map((q) => row(q)));
-    if (!page.items.length) list.append(h("p", { class: "empty" }, access.managesSome ? "No queues yet. Create one, or publish to a name and it is made for you." : "No queues you may see yet."));
-    summary.textContent = `${page.total} ${page.total === 1 ? "queue" : "queues"}`;
+    const mine = ++state.loading;
+    const page = await fetchPage();
+    if (mine !== state.loading) return;
+    if (!page.items.length && state.offset > 0 && page.total > 0) {
+      state.offset = Math.floor((page.total - 1) / PAGE) * PAGE; // fewer queues now: the last page
+      return load();
+    }
+    show(page.items);
+    summary.textContent = `${count(page.total)} ${page.total === 1 ? "queue" : "queues"}${filter.value.trim() ? " match" : ""}`;
+    const end = state.offset + page.items.length;
+    pageInfo.textContent = page.total ? `${count(state.offset + 1)}–${count(end)} of ${count(page.total)}` : "";
+    previous.disabled = state.offset === 0;
+    next.disabled = end >= page.total;
+    pager.hidden = page.total <= PAGE;
     draw();
+  }
+
+  // Without a filter, the API's own page; with one, every queue the token may see, matched here.
+  async function fetchPage() {
+    const deleted = showDeleted.checked || "";
+    const needle = filter.value.trim().toLowerCase();
+    if (!needle) return api(`/queues${query({ limit: PAGE, offset: state.offset, include_deleted: deleted })}`);
+    const matching = [];
+    for (let offset = 0; ; offset += FETCH) {
+      const page = await api(`/queues${query({ limit: FETCH, offset, include_deleted: deleted })}`);
+      matching.push(...page.items.filter((q) => q.name.includes(needle)));
+      if (!page.has_more || !page.items.length) break;
+    }
+    return { items: matching.slice(state.offset, state.offset + PAGE), total: matching.length };
+  }
+
+  // The same queues as shown: their counts change in place (focus stays where it is); else anew.
+  function show(queues) {
+    const shown = [...rows.keys()];
+    const same = queues.length > 0 && queues.length === shown.length && queues.every((q, i) => shown[i] === q.name);
+    if (!same) {
+      rows.clear();
+      replace(list, queues.map((q) => row(q)));
+      if (!queues.length) list.append(h("p", { class: "empty" }, emptyText()));
+      return;
+    }
+    for (const queue of queues) {
+      const item = rows.get(queue.name);
+      if (JSON.stringify({ ...queue, messages: 0 }) !== JSON.stringify({ ...item.queue, messages: 0 })) item.element.replaceWith(row(queue));
+      else if (JSON.stringify(queue.messages) !== JSON.stringify(item.queue.messages)) {
+        item.queue = queue;
+        replace(item.chips, countChips(queue.messages));
+      }
+    }
+  }
+
+  function emptyText() {
+    if (filter.value.trim()) return "No queue's name has that in it.";
+    return access.managesSome ? "No queues yet. Create one, or publish to a name and it is made for you." : "No queues you may see yet.";
+  }
+
+  // Overview: the stream follows only the notifications and open queues, so counts are polled.
+  function paintMode(overview) {
+    clearInterval(state.poll);
+    state.poll = overview ? setInterval(() => load().catch(() => {}), POLL_SECONDS * 1000) : null;
+    mode.hidden = !overview;
+    list.classList.toggle("polled", Boolean(overview));
+    chartHead.textContent = overview ? "" : "Throughput, last 5 min";
+    const limit = overview?.limit ? ` (at most ${count(overview.limit)} logs)` : "";
+    mode.textContent = overview ? `Counts refresh every ${POLL_SECONDS} s rather than live: your queues are more than one live stream follows${limit}. A queue you open is live.` : "";
   }
 
   function row(queue) {
@@ -120,11 +206,14 @@ export function queuesView(main, { access, stream }) {
     queueDialog(queue, () => load());
   }
 
-  const offs = [stream.on("event", onEvent), stream.on("reset", () => load())];
+  const offs = [stream.on("event", onEvent), stream.on("reset", () => load()), stream.on("resync", () => load()), stream.on("overview", paintMode)];
   const ticker = setInterval(draw, 1000);
+  paintMode(stream.overview);
   load().catch((error) => toast(error.message, "error"));
   return () => {
     clearInterval(ticker);
+    clearInterval(state.poll);
+    clearTimeout(typing);
     offs.forEach((off) => off());
   };
 }

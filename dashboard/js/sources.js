@@ -4,20 +4,23 @@
 
 export const NOTIFICATIONS = "@notifications";
 
+// A source's key is its URL: a cursor resumes only the stream that wrote it (a cursor that leaves
+// a log out would replay that log from its beginning).
 export function streamSources(plan) {
   const search = new URLSearchParams();
   for (const pattern of plan.queues) search.append("queue", pattern);
   if (plan.notifications) search.set("notifications", "true");
-  return [{ key: "all", url: `/api/v1/stream?${search}`, logOf, seqOf }];
+  const url = `/api/v1/stream?${search}`;
+  return [{ key: url, url, logOf, seqOf }];
 }
 
 export function withCursor(url, cursor) {
   return `${url}${url.includes("?") ? "&" : "?"}last_event_id=${encodeURIComponent(cursor)}`;
 }
 
-// `unread_count` frames name no log: they are the notifications'.
+// Every frame of the stream that belongs to a log names it, `unread_count` included.
 function logOf(data) {
-  return typeof data?.log === "string" ? data.log : NOTIFICATIONS;
+  return data?.log;
 }
 
 // 41 for `orders` in `orders:41,billing:7,@notifications:3` (queue names hold no `,` or `:`).

@@ -17,6 +17,7 @@ self.onconnect = (event) => {
 function handle(port, message) {
   if (message.kind === "hello") port.postMessage(connection.snapshot());
   else if (message.kind === "plan") connection.follow(message.plan);
+  else if (message.kind === "view") connection.view(message.tab, message.queue);
   else if (message.kind === "stop") connection.signedOut("you signed out");
-  else if (message.kind === "bye") ports.delete(port);
+  else if (message.kind === "bye") ports.delete(port), connection.view(message.tab, null);
 }

@@ -6,7 +6,7 @@
 import { Connection } from "./connection.js";
 import { Rates } from "./rates.js";
 
-const REQUESTS = new Set(["hello", "plan", "stop"]);
+const REQUESTS = new Set(["hello", "plan", "view", "stop"]);
 const WORKER = new URL("./stream-worker.js", import.meta.url).href;
 // The page enforces Trusted Types (its CSP): this policy admits the worker's own URL, nothing else.
 const scriptUrls = globalThis.trustedTypes?.createPolicy("pombo", {
@@ -22,7 +22,16 @@ export class Stream extends EventTarget {
     this.state = "connecting";
     this.rates = new Rates();
     this.plan = null;
+    this.overview = null; // {logs, limit} while the connection follows less than the plan
+    this.tab = `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+    this.viewing = null; // the queue this tab's queue view shows
     this.post = null;
+  }
+
+  // This tab shows `queue` in a queue view (null: none): in overview, the stream follows it.
+  view(queue) {
+    this.viewing = queue;
+    this.post?.({ kind: "view", tab: this.tab, queue });
   }
 
   follow(plan) {
@@ -47,7 +56,7 @@ export class Stream extends EventTarget {
     worker.port.onmessage = ({ data }) => this.receive(data);
     worker.port.start();
     this.post = (message) => worker.port.postMessage(message);
-    addEventListener("pagehide", () => worker.port.postMessage({ kind: "bye" }));
+    addEventListener("pagehide", () => worker.port.postMessage({ kind: "bye", tab: this.tab }));
   }
 
   viaLeader() {
@@ -57,20 +66,27 @@ export class Stream extends EventTarget {
     const handle = (message) => {
       if (message.kind === "hello") channel.postMessage(connection.snapshot()), this.receive(connection.snapshot());
       else if (message.kind === "plan") connection.follow(message.plan);
+      else if (message.kind === "view") connection.view(message.tab, message.queue);
       else if (message.kind === "stop") connection.signedOut("you signed out");
     };
     this.post = (message) => (connection ? handle(message) : channel.postMessage(message));
     channel.onmessage = ({ data }) => {
       if (REQUESTS.has(data.kind)) return connection && handle(data);
+      if (data.kind === "views?") return this.post({ kind: "view", tab: this.tab, queue: this.viewing });
       if (data.cursors) cursors = data.cursors;
       this.receive(data);
     };
+    addEventListener("pagehide", () => this.post({ kind: "view", tab: this.tab, queue: null }));
     const lead = () =>
       new Promise(() => {
         connection = new Connection((message) => {
           channel.postMessage(message);
           this.receive(message);
         });
+        // What the last leader knew: how little it could follow, and which queues the tabs show.
+        connection.overview = this.overview;
+        connection.view(this.tab, this.viewing);
+        channel.postMessage({ kind: "views?" });
         if (this.plan) connection.follow(this.plan, cursors);
       });
     if (navigator.locks) navigator.locks.request("pombo-stream-leader", lead);
@@ -81,13 +97,22 @@ export class Stream extends EventTarget {
     if (message.kind === "snapshot") {
       this.rates = new Rates(message.rates);
       this.setState(message.state);
-    } else if (message.kind === "state") this.setState(message.state);
+      this.setOverview(message.overview ?? null);
+    } else if (message.kind === "overview") this.setOverview(message.overview);
+    else if (message.kind === "resync") this.dispatchEvent(new CustomEvent("resync"));
+    else if (message.kind === "state") this.setState(message.state);
     else if (message.kind === "event") {
       this.rates.count(message.type, message.data);
       this.dispatchEvent(new CustomEvent("event", { detail: message }));
     } else if (message.kind === "reset") this.dispatchEvent(new CustomEvent("reset", { detail: message }));
     else if (message.kind === "problem") this.dispatchEvent(new CustomEvent("problem", { detail: message.message }));
     else if (message.kind === "signed-out") this.dispatchEvent(new CustomEvent("signed-out", { detail: message.message }));
+  }
+
+  setOverview(overview) {
+    if (JSON.stringify(overview) === JSON.stringify(this.overview)) return;
+    this.overview = overview;
+    this.dispatchEvent(new CustomEvent("overview", { detail: overview }));
   }
 
   setState(state) {
