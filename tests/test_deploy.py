@@ -228,6 +228,11 @@ def test_the_proxy_passes_streams_through_unbuffered() -> None:
     assert "X-Request-ID" in headers
 
 
+def test_the_proxy_gives_up_on_a_stopped_replica_within_seconds() -> None:
+    (connect_timeout,) = nginx_directives()["proxy_connect_timeout"]
+    assert int(connect_timeout.removesuffix("s")) <= 2
+
+
 def test_the_proxy_takes_the_largest_body_a_replica_takes() -> None:
     (limit,) = nginx_directives()["client_max_body_size"]
     assert limit.endswith("m") and int(limit[:-1]) * 2**20 > Settings.model_fields["max_batch_bytes"].default
