@@ -21,6 +21,7 @@ RUN pip install -r requirements.txt
 # The code stays root's, read-only to the app; compiled once here, not on every start.
 COPY *.py ./
 COPY migrations ./migrations
+COPY dashboard ./dashboard
 RUN python -m compileall -q .
 
 ENV POMBO_HOST=0.0.0.0 \

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from conftest import ROOT, need_tool
 
+import dashboard
 from settings import ENV_PREFIX, Settings
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -148,12 +149,20 @@ def test_dependencies_are_installed_before_the_code_is_copied() -> None:
     assert all("*.py" not in line for line in lines[:install])
 
 
+def copied_into_the_image() -> set[str]:
+    return set(re.findall(r"^COPY\s+(\S+)", DOCKERFILE.read_text(), re.MULTILINE))
+
+
 def test_only_what_the_image_needs_reaches_the_builder() -> None:
     patterns = [p for p in (ROOT / ".dockerignore").read_text().splitlines() if p and not p.startswith("#")]
     assert patterns[0] == "*", "start from nothing: secrets/, data/ and .env never reach a builder"
     included = {p.removeprefix("!").rstrip("/") for p in patterns if p.startswith("!")}
-    copied = set(re.findall(r"^COPY\s+(\S+)", DOCKERFILE.read_text(), re.MULTILINE))
-    assert included == copied
+    assert included == copied_into_the_image()
+
+
+def test_the_image_carries_the_dashboards_files() -> None:
+    # Without them the app does not start: the dashboard's mount checks its directory at startup.
+    assert dashboard.FILES.relative_to(ROOT).as_posix() in copied_into_the_image()
 
 
 def make_secrets(tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -217,6 +226,11 @@ def test_the_proxy_passes_streams_through_unbuffered() -> None:
     assert headers["Connection"] == '""'
     assert headers["X-Forwarded-For"] == "$proxy_add_x_forwarded_for"
     assert "X-Request-ID" in headers
+
+
+def test_the_proxy_gives_up_on_a_stopped_replica_within_seconds() -> None:
+    (connect_timeout,) = nginx_directives()["proxy_connect_timeout"]
+    assert int(connect_timeout.removesuffix("s")) <= 2
 
 
 def test_the_proxy_takes_the_largest_body_a_replica_takes() -> None:
