@@ -42,9 +42,13 @@ async def create_queue(spec: QueueCreate, hub: HubDep, principal: CurrentPrincip
 
 @router.get("")
 async def list_queues(
-    hub: HubDep, principal: CurrentPrincipal, window: WindowDep, include_deleted: bool = False
+    hub: HubDep,
+    principal: CurrentPrincipal,
+    window: WindowDep,
+    include_deleted: bool = False,
+    name: Annotated[str, Query(max_length=64, description="only queues whose name contains this")] = "",
 ) -> Page[QueueOut]:
-    items, total = await hub.list_queues(principal, include_deleted, window)
+    items, total = await hub.list_queues(principal, include_deleted, window, name)
     return Page.of(items, total, window.limit, window.offset)
 
 

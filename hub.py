@@ -106,10 +106,12 @@ class Hub:
         return QueueOut.of(queue, counts.get(queue.id))
 
     async def list_queues(
-        self, principal: Principal, include_deleted: bool, window: Window
+        self, principal: Principal, include_deleted: bool, window: Window, name_contains: str = ""
     ) -> tuple[list[QueueOut], int]:
         query = Queue.all() if include_deleted else Queue.filter(deleted_at__isnull=True)
-        visible = [q for q in await query.order_by("name") if _may_see(principal, q)]
+        # Matched here, not with LIKE, where `_` (which queue names may hold) is a wildcard.
+        named = [q for q in await query.order_by("name") if name_contains in q.name]
+        visible = [q for q in named if _may_see(principal, q)]
         page = visible[window.offset : window.offset + window.limit]
         counts = await self.counts.of({queue_log(q.name): q for q in page}, _status_counts)
         return [QueueOut.of(q, counts.get(q.id)) for q in page], len(visible)

@@ -225,6 +225,29 @@ async def test_list_shows_only_visible_queues_with_paging(server: Server, client
         assert (nothing["items"], nothing["total"], nothing["has_more"]) == ([], 0, False)
 
 
+async def test_list_filters_by_a_part_of_the_name_among_what_the_caller_may_see(
+    server: Server, client: httpx.AsyncClient
+) -> None:
+    team = unique("filt")
+    names = [f"{team}.web_a", f"{team}.web-b", f"{team}.db_a", f"{team}x.web_c"]
+    for name in names:
+        await create_queue(client, name)
+    listed = (await client.get("/api/v1/queues", params={"name": f"{team}.web"})).json()
+    assert (sorted(q["name"] for q in listed["items"]), listed["total"]) == (sorted(names[:2]), 2)
+    # `_` and `.` are themselves, not wildcards
+    underscore = (await client.get("/api/v1/queues", params={"name": "_a", "limit": 200})).json()
+    assert {q["name"] for q in underscore["items"]} >= {names[0], names[2]}
+    assert all("_a" in q["name"] for q in underscore["items"])
+    every = [q["name"] for q in (await client.get("/api/v1/queues", params={"name": team})).json()["items"]]
+    assert sorted(every) == sorted(names)
+    paged = (await client.get("/api/v1/queues", params={"name": team, "limit": 2, "offset": 2})).json()
+    assert ([q["name"] for q in paged["items"]], paged["total"]) == (every[2:], 4)
+    async with server.client(auth(mint("viewer", f"subscribe:{team}.web*"))) as viewer:
+        seen = (await viewer.get("/api/v1/queues", params={"name": "_"})).json()
+    assert [q["name"] for q in seen["items"]] == [names[0]]
+    assert_error(await client.get("/api/v1/queues", params={"name": "x" * 65}), 422, "validation_error")
+
+
 @pytest.mark.parametrize(
     "params",
     [{"limit": 0}, {"limit": -1}, {"limit": 201}, {"offset": -1}, {"offset": 10**12}, {"limit": "many"}],
