@@ -32,6 +32,8 @@ from sse import documented_as_sse
 from streams import live_queue_log, open_stream
 
 router = APIRouter(prefix="/api/v1/queues", tags=["queues"], route_class=AuthFirst)
+# What the list's `name` filter takes: a part of a queue name (its characters, at most its length).
+NAME_PART = r"^[a-z0-9._-]{0,64}$"
 
 
 @router.post("", status_code=201, responses=answers(403, 409))
@@ -46,7 +48,7 @@ async def list_queues(
     principal: CurrentPrincipal,
     window: WindowDep,
     include_deleted: bool = False,
-    name: Annotated[str, Query(max_length=64, description="only queues whose name contains this")] = "",
+    name: Annotated[str, Query(pattern=NAME_PART, description="only queues whose name contains this")] = "",
 ) -> Page[QueueOut]:
     items, total = await hub.list_queues(principal, include_deleted, window, name)
     return Page.of(items, total, window.limit, window.offset)

@@ -94,6 +94,7 @@ export function queuesView(main, { access, stream }) {
   function fetchPage() {
     const deleted = showDeleted.checked || "";
     const name = filter.value.trim().toLowerCase();
+    if (!/^[a-z0-9._-]*$/.test(name)) return Promise.resolve({ items: [], total: 0, has_more: false }); // no name holds it
     return api(`/queues${query({ limit: PAGE, offset: state.offset, include_deleted: deleted, name })}`);
   }
 
