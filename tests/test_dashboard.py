@@ -521,6 +521,32 @@ async def test_in_overview_each_tab_keeps_its_open_queue_live(
     assert browser_tabs.problems == []
 
 
+@pytest.mark.parametrize("sharing", ["SharedWorker", "BroadcastChannel"])
+async def test_overview_ends_once_the_queues_fit_one_stream_again(
+    make_server: Any, tabs: Any, sharing: str
+) -> None:
+    server = make_server(stream_max_logs="3").start()
+    names = [f"fit-{n}" for n in range(3)]
+    await make_queues(server, names)  # three queues and the notifications: four logs
+    browser_tabs: Tabs = await tabs(server)
+    if sharing == "BroadcastChannel":
+        await browser_tabs.context.add_init_script("delete window.SharedWorker;")
+    page = await browser_tabs.sign_in(mint(unique("admin"), "admin"))
+    note = page.locator('[data-testid="overview"]')
+    await note.wait_for(timeout=5000)
+    async with server.client() as http:
+        assert (await http.delete(f"/api/v1/queues/{names[2]}")).status_code == 200
+    await note.wait_for(state="hidden", timeout=(POLL_SECONDS + 3) * 1000)
+    await live(page)
+    sent = time.monotonic()
+    await publish(server, names[1], "live again")  # not open in any tab: counted live, not polled
+    await wait_until(lambda: _text_is(pending(page, names[1]), "1"), timeout=3)
+    print(f"overview ended; publish -> count in the list: {time.monotonic() - sent:.2f} s")
+    assert await streams(server) == 1
+    browser_tabs.problems = [p for p in browser_tabs.problems if "status of 422" not in p]
+    assert browser_tabs.problems == []
+
+
 async def _text_is(locator: Any, text: str) -> bool:
     return await locator.count() > 0 and await locator.text_content() == text
 

@@ -23,6 +23,8 @@ const CONTROL_EVENTS = ["unread_count", "stream.reset", "stream.expired", "strea
 // reached, later when it answered with an error (it will likely answer the same for a while).
 const RETRY_MS = 3000;
 const REFUSED_RETRY_MS = 30000;
+// At most this often, a tab's word that the queues fit one stream again is tried.
+const REPLAN_MS = 30000;
 
 export class Connection {
   constructor(send) {
@@ -37,6 +39,7 @@ export class Connection {
     this.positions = new Map(); // log -> last sequence passed on
     this.cursors = {}; // source key -> its last event id, to resume from
     this.everOpen = false;
+    this.replannedAt = -Infinity;
   }
 
   follow(plan, cursors) {
@@ -87,6 +90,15 @@ export class Connection {
     this.setOverview({ logs, limit });
     this.open();
     return this.planKey !== before;
+  }
+
+  // A tab counted few enough queues for one stream: follow the whole plan again (should the
+  // server still count too many, it says so and overview comes back).
+  replan() {
+    if (!this.overview || !this.plan || Date.now() - this.replannedAt < REPLAN_MS) return;
+    this.replannedAt = Date.now();
+    this.setOverview(null);
+    this.open();
   }
 
   setOverview(overview) {

@@ -81,6 +81,9 @@ export function queuesView(main, { access, stream }) {
       return load();
     }
     show(page.items);
+    // In overview, the whole list (unfiltered, live queues) and the notifications fit one stream now.
+    const limit = stream.overview?.limit;
+    if (limit && !filter.value.trim() && !showDeleted.checked && page.total + 1 <= limit) stream.replan();
     summary.textContent = `${count(page.total)} ${page.total === 1 ? "queue" : "queues"}${filter.value.trim() ? " match" : ""}`;
     const end = state.offset + page.items.length;
     pageInfo.textContent = page.total ? `${count(state.offset + 1)}–${count(end)} of ${count(page.total)}` : "";

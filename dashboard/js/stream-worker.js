@@ -18,6 +18,7 @@ function handle(port, message) {
   if (message.kind === "hello") port.postMessage(connection.snapshot());
   else if (message.kind === "plan") connection.follow(message.plan);
   else if (message.kind === "view") connection.view(message.tab, message.queue);
+  else if (message.kind === "replan") connection.replan();
   else if (message.kind === "stop") connection.signedOut("you signed out");
   else if (message.kind === "bye") ports.delete(port), connection.view(message.tab, null);
 }

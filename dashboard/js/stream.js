@@ -6,7 +6,7 @@
 import { Connection } from "./connection.js";
 import { Rates } from "./rates.js";
 
-const REQUESTS = new Set(["hello", "plan", "view", "stop"]);
+const REQUESTS = new Set(["hello", "plan", "view", "replan", "stop"]);
 const WORKER = new URL("./stream-worker.js", import.meta.url).href;
 // The page enforces Trusted Types (its CSP): this policy admits the worker's own URL, nothing else.
 const scriptUrls = globalThis.trustedTypes?.createPolicy("pombo", {
@@ -32,6 +32,11 @@ export class Stream extends EventTarget {
   view(queue) {
     this.viewing = queue;
     this.post?.({ kind: "view", tab: this.tab, queue });
+  }
+
+  // The token's queues, counted by the Queues view, fit one stream again: leave overview.
+  replan() {
+    this.post?.({ kind: "replan" });
   }
 
   follow(plan) {
@@ -67,6 +72,7 @@ export class Stream extends EventTarget {
       if (message.kind === "hello") channel.postMessage(connection.snapshot()), this.receive(connection.snapshot());
       else if (message.kind === "plan") connection.follow(message.plan);
       else if (message.kind === "view") connection.view(message.tab, message.queue);
+      else if (message.kind === "replan") connection.replan();
       else if (message.kind === "stop") connection.signedOut("you signed out");
     };
     this.post = (message) => (connection ? handle(message) : channel.postMessage(message));
