@@ -2,8 +2,6 @@
 // One multiplexed stream (`/api/v1/stream`) for the queues the token may follow and its own
 // notifications: each event's data names its log, and its id is the whole cursor vector.
 
-export const NOTIFICATIONS = "@notifications";
-
 // A source's key is its URL: a cursor resumes only the stream that wrote it (a cursor that leaves
 // a log out would replay that log from its beginning).
 export function streamSources(plan) {
