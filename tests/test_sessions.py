@@ -33,7 +33,10 @@ async def test_signing_in_sets_an_http_only_strict_cookie_for_the_tokens_lifetim
     assert answer.status_code == 200 and answer.json()["subject"] == "dora"
     cookie = answer.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie and "path=/" in cookie
-    assert re.search(r"max-age=(599|600);", cookie) and "secure" not in cookie  # plain HTTP
+    # The token's remaining lifetime, less the seconds minting and signing in took on a busy machine.
+    max_age = re.search(r"max-age=([0-9]+);", cookie)
+    assert max_age and 590 <= int(max_age.group(1)) <= 600, cookie
+    assert "secure" not in cookie  # plain HTTP
     assert (await http.get("/api/v1/me")).json()["subject"] == "dora"
     assert (await http.get("/api/v1/session")).json()["me"]["subject"] == "dora"
 
